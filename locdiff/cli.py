@@ -1,0 +1,72 @@
+"""The `locdiff` command line: one typer app; each area mounts its own sub-commands.
+
+Errors that users can fix (bad input, missing files, nothing running) are printed as one line plus a
+hint and exit with status 2; see `locdiff.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from locdiff.errors import UserError
+
+app = typer.Typer(
+    help="LocDiff: worldwide image geolocation by diffusion in a spherical-harmonics space.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+# (module, attribute, name) of sub-apps / commands contributed by each area; a module that is not
+# there yet is skipped so that the CLI keeps working while areas land one by one.
+_SUBAPPS = [
+    ("locdiff.commands.data", "datasets_app", "datasets"),
+    ("locdiff.commands.stack", "stack_app", "stack"),
+]
+_COMMAND_MODULES = ["locdiff.commands.data", "locdiff.commands.run"]
+
+
+@app.command()
+def version() -> None:
+    """Print the locdiff version."""
+    from locdiff import __version__
+
+    print(__version__)
+
+
+def _mount() -> None:
+    for module, attr, name in _SUBAPPS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue
+            raise
+        app.add_typer(getattr(mod, attr), name=name)
+    for module in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue
+            raise
+        register = getattr(mod, "register", None)
+        if register is not None:
+            register(app)
+
+
+def main() -> None:
+    _mount()
+    try:
+        app()
+    except UserError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

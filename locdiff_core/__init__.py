@@ -1,0 +1,1 @@
+"""LocDiff core: pure math and models (torch/numpy/stdlib only)."""
