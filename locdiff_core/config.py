@@ -1,0 +1,358 @@
+"""Typed, validated configuration for the LocDiff model, its diffusion process, training and inference.
+
+Every choice of the method (DESIGN §3) is a field here with a documented default. The dataclasses are
+frozen and validated on construction; ``to_dict``/``from_dict`` round-trip exactly (tuples survive a
+JSON trip). Named presets:
+
+- ``tiny``: unit tests on CPU (L=8, widths 128/64, a few hundred steps).
+- ``cpu``: the embedded offline demo on 2 cores (L=16, widths 512/256/128, 1280-d EfficientNet features).
+- ``default``: GPU-sized LocDiff on CLIP ViT-L/14 features (L=32, widths 1024/512/256, embed_dim 768).
+- ``mp16``: ``default`` at a larger degree (L=64) and batch, for full MP16 training.
+
+``get_preset("cpu", max_degree=24, train={"max_steps": 500})`` applies overrides (nested dicts for the
+sub-configs) and validates the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        need = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}={value!r} must be a finite number {need}")
+
+
+def _check_fraction(name: str, value: float, *, closed_high: bool = False) -> None:
+    ok = 0.0 <= value <= 1.0 if closed_high else 0.0 <= value < 1.0
+    if not ok:
+        rng = "[0, 1]" if closed_high else "[0, 1)"
+        raise ValueError(f"{name}={value!r} must lie in {rng}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """CS-UNet (conditional Siren U-Net) architecture."""
+
+    widths: tuple[int, ...] = (1024, 512, 256)  # encoder widths; the decoder mirrors them
+    cond_dim: int = 512  # width of the conditioning vector (time MLP + embedding projection)
+    time_embed_dim: int = 128  # sinusoidal timestep features before the time MLP
+    first_omega0: float = 30.0  # Siren ω₀ of the input layer (Sitzmann et al. 2020)
+    hidden_omega0: float = 1.0  # Siren ω₀ of the hidden layers (weights carry the scale)
+    dropout: float = 0.0  # dropout after each sine activation
+    p_uncond: float = 0.1  # condition dropout during training -> classifier-free guidance
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if not self.widths or any(w <= 0 for w in self.widths):
+            raise ValueError(f"model.widths={self.widths!r} must be a non-empty tuple of positive ints")
+        for name in ("cond_dim", "time_embed_dim"):
+            _check_positive(f"model.{name}", getattr(self, name))
+        if self.time_embed_dim % 2:
+            raise ValueError(f"model.time_embed_dim={self.time_embed_dim} must be even (sin/cos pairs)")
+        _check_positive("model.first_omega0", self.first_omega0)
+        _check_positive("model.hidden_omega0", self.hidden_omega0)
+        _check_fraction("model.dropout", self.dropout)
+        _check_fraction("model.p_uncond", self.p_uncond)
+
+
+BETA_SCHEDULES = ("linear", "cosine")
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
+PREDICTION_TYPES = ("x0",)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Forward noising process (DDPM, Ho et al. 2020; cosine schedule: Nichol & Dhariwal 2021)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "cosine"
+    beta_start: float = 1e-4  # linear schedule only
+    beta_end: float = 0.02  # linear schedule only
+    cosine_s: float = 0.008  # cosine schedule offset
+    max_beta: float = 0.999  # cosine schedule clip
+    # Inference timestep spacing; "trailing" starts at t = T-1 (pure noise), see Lin et al. 2024,
+    # "Common Diffusion Noise Schedules and Sample Steps are Flawed".
+    timestep_spacing: str = "trailing"
+    prediction_type: str = "x0"  # the network predicts x₀ so SHDD-KL applies to its output
+
+    def __post_init__(self) -> None:
+        if int(self.num_train_timesteps) < 2:
+            raise ValueError(f"diffusion.num_train_timesteps={self.num_train_timesteps} must be >= 2")
+        _check_choice("diffusion.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        _check_choice("diffusion.timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        _check_choice("diffusion.prediction_type", self.prediction_type, PREDICTION_TYPES)
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(
+                f"diffusion.beta_start={self.beta_start}, beta_end={self.beta_end}: need 0 < start < end < 1"
+            )
+        _check_positive("diffusion.cosine_s", self.cosine_s)
+        if not 0 < self.max_beta < 1:
+            raise ValueError(f"diffusion.max_beta={self.max_beta} must lie in (0, 1)")
+
+
+LOSS_KINDS = ("mse", "kl", "mse+kl")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Training loss on the predicted x₀ (DESIGN §3: plain MSE, SHDD-KL, or their weighted sum)."""
+
+    kind: str = "mse"  # the prototype saw no gain from KL at L=16 (DESIGN §6a); the ablation decides
+    mse_weight: float = 1.0
+    kl_weight: float = 1.0
+    tau: float = 0.1  # SHDD-KL temperature, relative to the peak value (L+1)²/4π
+    # Anchors for SHDD-KL, resampled every step: a jittered uniform lattice, a random subset of the
+    # training coordinates (the data distribution) and points in caps around each batch target.
+    n_uniform_anchors: int = 512
+    n_data_anchors: int = 256
+    n_near_anchors: int = 4  # per target in the batch
+    near_radius_km: float = 500.0
+
+    def __post_init__(self) -> None:
+        _check_choice("loss.kind", self.kind, LOSS_KINDS)
+        _check_positive("loss.mse_weight", self.mse_weight, allow_zero=True)
+        _check_positive("loss.kl_weight", self.kl_weight, allow_zero=True)
+        _check_positive("loss.tau", self.tau)
+        for name in ("n_uniform_anchors", "n_data_anchors", "n_near_anchors"):
+            _check_positive(f"loss.{name}", getattr(self, name), allow_zero=True)
+        _check_positive("loss.near_radius_km", self.near_radius_km)
+        if self.kind != "mse" and self.n_uniform_anchors + self.n_data_anchors + self.n_near_anchors == 0:
+            raise ValueError(f"loss.kind={self.kind!r} needs anchors: all anchor counts are 0")
+
+
+AMP_MODES = ("auto", "bf16", "none")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run (nanoGPT-style knobs)."""
+
+    batch_size: int = 256
+    max_steps: int = 100_000
+    lr: float = 3e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 1000
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    ema_decay: float = 0.999
+    seed: int = 0
+    amp: str = "auto"  # bf16 autocast on CUDA when "auto"; never on CPU
+    device: str = "auto"
+    log_every: int = 50
+    eval_every: int = 1000  # 0 disables periodic evaluation
+    eval_size: int = 512  # validation subset size for the periodic median-km check
+    eval_samples: int = 4  # K during periodic evaluation
+    eval_steps: int = 10  # sampler steps during periodic evaluation
+    checkpoint_every: int = 1000  # 0: only at the end
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_steps", "lr", "eval_size", "eval_samples", "eval_steps"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "log_every", "eval_every"):
+            _check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        _check_positive("train.checkpoint_every", self.checkpoint_every, allow_zero=True)
+        _check_fraction("train.min_lr_ratio", self.min_lr_ratio, closed_high=True)
+        _check_fraction("train.beta1", self.beta1)
+        _check_fraction("train.beta2", self.beta2)
+        _check_fraction("train.ema_decay", self.ema_decay)
+        _check_choice("train.amp", self.amp, AMP_MODES)
+        _check_choice("train.device", self.device, DEVICES)
+
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Multi-sample inference and decoding."""
+
+    num_samples: int = 8  # K samples per image, aggregated by averaging predicted coefficients
+    num_steps: int = 25  # S sampler steps
+    sampler: str = "ddim"
+    eta: float = 0.0  # DDIM stochasticity (0 = deterministic)
+    guidance: float = 1.0  # classifier-free guidance scale (1 = off)
+    rho_km: float = 0.0  # decoder filter radius (SHDD.decode's rho_km); 0 = no filter
+    top_k: int = 5  # modes reported per image
+    batch_size: int = 256  # images per forward chunk (each chunk runs images × K samples)
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "num_steps", "top_k", "batch_size"):
+            _check_positive(f"infer.{name}", getattr(self, name))
+        _check_choice("infer.sampler", self.sampler, SAMPLERS)
+        _check_positive("infer.eta", self.eta, allow_zero=True)
+        _check_positive("infer.guidance", self.guidance, allow_zero=True)
+        _check_positive("infer.rho_km", self.rho_km, allow_zero=True)
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "diffusion": DiffusionConfig,
+    "loss": LossConfig,
+    "train": TrainConfig,
+    "infer": InferConfig,
+}
+
+
+@dataclass(frozen=True)
+class LocDiffConfig:
+    """Everything that defines a LocDiff model and how it is trained and queried."""
+
+    max_degree: int = 32  # L: spherical-harmonic degree; the code has D = (L+1)² coordinates
+    embed_dim: int = 768  # width of the image embedding (768 = CLIP ViT-L/14)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+    def __post_init__(self) -> None:
+        if int(self.max_degree) < 1:
+            raise ValueError(f"max_degree={self.max_degree} must be >= 1")
+        _check_positive("embed_dim", self.embed_dim)
+        for name, cls in _SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+
+    @property
+    def dim(self) -> int:
+        """D = (L+1)², the width of the diffusion variable."""
+        return (self.max_degree + 1) ** 2
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["model"]["widths"] = list(self.model.widths)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LocDiffConfig:
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in _SECTIONS:
+                kwargs[key] = _section_from_dict(key, value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    def replace(self, **overrides: Any) -> LocDiffConfig:
+        """A copy with overrides; sub-configs take dicts of field overrides."""
+        kwargs: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key in _SECTIONS and isinstance(value, dict):
+                current = dataclasses.asdict(getattr(self, key))
+                _reject_unknown(key, value, current)
+                current.update(value)
+                kwargs[key] = _section_from_dict(key, current)
+            else:
+                kwargs[key] = value
+        known = {f.name for f in dataclasses.fields(self)}
+        _reject_unknown("config", kwargs, known)
+        return dataclasses.replace(self, **kwargs)
+
+
+def _reject_unknown(section: str, given: dict, allowed) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {section} keys {unknown}; allowed: {sorted(allowed)}")
+
+
+def _section_from_dict(name: str, value: Any):
+    cls = _SECTIONS[name]
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict or {cls.__name__}, got {type(value).__name__}")
+    _reject_unknown(name, value, {f.name for f in dataclasses.fields(cls)})
+    value = dict(value)
+    if name == "model" and "widths" in value:
+        value["widths"] = tuple(value["widths"])
+    return cls(**value)
+
+
+def config_diff(a: LocDiffConfig, b: LocDiffConfig) -> dict[str, tuple[Any, Any]]:
+    """Flattened ``{"section.field": (a_value, b_value)}`` for every field that differs."""
+    fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _presets() -> dict[str, LocDiffConfig]:
+    tiny = LocDiffConfig(
+        max_degree=8,
+        embed_dim=32,
+        model=ModelConfig(widths=(128, 64), cond_dim=64, time_embed_dim=32),
+        loss=LossConfig(n_uniform_anchors=128, n_data_anchors=64, n_near_anchors=2),
+        train=TrainConfig(
+            batch_size=64,
+            max_steps=200,
+            lr=2e-3,
+            warmup_steps=20,
+            ema_decay=0.99,
+            log_every=20,
+            eval_every=0,
+            eval_size=128,
+            eval_samples=4,
+            eval_steps=10,
+            checkpoint_every=0,
+        ),
+        infer=InferConfig(num_samples=4, num_steps=10, batch_size=128),
+    )
+    cpu = LocDiffConfig(
+        max_degree=16,
+        embed_dim=1280,
+        model=ModelConfig(widths=(512, 256, 128), cond_dim=256, time_embed_dim=64),
+        loss=LossConfig(n_uniform_anchors=256, n_data_anchors=128, n_near_anchors=2),
+        train=TrainConfig(
+            batch_size=256,
+            max_steps=3000,
+            lr=1e-3,
+            warmup_steps=100,
+            ema_decay=0.995,
+            log_every=100,
+            eval_every=500,
+            eval_size=256,
+            checkpoint_every=500,
+        ),
+        infer=InferConfig(num_samples=8, num_steps=25),
+    )
+    default = LocDiffConfig()
+    mp16 = default.replace(max_degree=64, train={"batch_size": 1024, "max_steps": 200_000})
+    return {"tiny": tiny, "cpu": cpu, "default": default, "mp16": mp16}
+
+
+PRESET_NAMES = ("tiny", "cpu", "default", "mp16")
+
+
+def get_preset(name: str, **overrides: Any) -> LocDiffConfig:
+    """A named preset (``tiny``, ``cpu``, ``default``, ``mp16``) with optional overrides."""
+    _check_choice("preset", name, PRESET_NAMES)
+    cfg = _presets()[name]
+    return cfg.replace(**overrides) if overrides else cfg
