@@ -194,12 +194,16 @@ def write_dataset(
     shard_size: int = DEFAULT_SHARD_SIZE,
     verify: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    prefetch: Callable[[list[ImageRecord]], None] | None = None,
 ) -> dict:
     """Write ``records`` as shards of ``shard_size`` plus ``manifest.parquet``; resumes finished shards.
 
     Records are grouped into shards in input order, so the same input gives the same shards; a shard
     finished by an earlier attempt of the same key is reused without touching its records' data.
-    Returns (and sets on the manifest) the summary: rows, n_skipped, skipped, split counts, shards.
+    ``prefetch(batch)`` (optional) is called on a shard's records just before that shard is written
+    (not for reused shards): the place to fetch their data concurrently.
+    Returns (and sets on the manifest) the summary: rows, n_skipped, skipped (first 1000),
+    skip_reasons (count per reason, the text before any parenthesis), split counts, shards.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -213,6 +217,8 @@ def write_dataset(
         rel = shard_relpath(n_shards)
         idx = _read_index(writer, rel)
         if idx is None:
+            if prefetch is not None:
+                prefetch(batch)
             idx = write_shard(writer, rel, batch, verify=verify)
         else:
             reused += 1
@@ -239,6 +245,10 @@ def write_dataset(
             bad["image_id"].to_pylist(), bad["source"].to_pylist(), bad["error"].to_pylist(), strict=True
         )
     ]
+    reasons: dict[str, int] = {}
+    for s in skipped:
+        r = (s["reason"] or "").split(" (", 1)[0]
+        reasons[r] = reasons.get(r, 0) + 1
     splits: dict[str, int] = {}
     for s in ok["split"].to_pylist():
         splits[s] = splits.get(s, 0) + 1
@@ -246,6 +256,7 @@ def write_dataset(
         "rows": ok.num_rows,
         "n_skipped": len(skipped),
         "skipped": skipped[:MAX_SKIPPED_LISTED],
+        "skip_reasons": reasons,
         "splits": splits,
         "n_shards": n_shards,
         "shards_reused": reused,
