@@ -1,0 +1,149 @@
+"""The evaluation task: predict a split of an embeddings artifact with a trained run, plus baselines.
+
+Writes ``eval/<run name>/<dataset>/<hash>`` with ``predictions.parquet`` (one row per method and image:
+true and predicted lat/lon, distance, score, top-k modes with their mass) and ``metrics.parquet`` (one
+row per method: accuracy at 1/25/200/750/2500 km, median/mean km, GeoScore, n); the manifest carries the
+metrics too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from prefect import task
+
+from locdiff.tasks.common import STAGE_VERSIONS, Progress, open_store, stage_cache
+
+# our method names -> locdiff_core.baselines kinds
+_BASELINE_KINDS = {
+    "most-common-region": "most_common_cell",
+    "regression": "regression",
+    "classification": "classification",
+}
+BASELINES = ("most-common-region",)  # the default: free to compute
+
+
+def _baseline_predictions(kind: str, store, train_emb_key: str, emb: np.ndarray) -> dict[str, np.ndarray]:
+    """Train (cheaply) one of locdiff_core.baselines on the run's training split and predict `emb`."""
+    import torch
+
+    from locdiff.tasks.data_io import load_embeddings
+    from locdiff_core.baselines import train_baseline
+
+    train_data = load_embeddings(store, train_emb_key, "train")
+    model = train_baseline(_BASELINE_KINDS[kind], train_data)
+    with torch.no_grad():
+        lat, lon = model.predict(torch.from_numpy(emb))
+    return {"pred_lat": lat.double().numpy(), "pred_lon": lon.double().numpy(), "score": np.ones(len(emb))}
+
+
+def _predict_locdiff(checkpoint: dict, emb: np.ndarray, seed: int = 0, progress=None):
+    import torch
+
+    from locdiff_core.sampling import Predictor
+
+    pred = Predictor.from_checkpoint(checkpoint, device="cpu" if not torch.cuda.is_available() else None)
+    gen = torch.Generator().manual_seed(seed)
+    chunk = max(1, pred.config.infer.batch_size)
+    outs = []
+    emb_t = torch.from_numpy(emb)
+    for i in range(0, len(emb), chunk):
+        outs.append(pred.predict(emb_t[i : i + chunk], generator=gen))
+        if progress:
+            progress(min(i + chunk, len(emb)), len(emb))
+    cat = lambda name: torch.cat([getattr(o, name).detach().cpu() for o in outs]).numpy()  # noqa: E731
+    return {
+        "pred_lat": cat("lat_deg"),
+        "pred_lon": cat("lon_deg"),
+        "score": cat("score"),
+        "modes_lat": cat("modes_lat_deg"),
+        "modes_lon": cat("modes_lon_deg"),
+        "modes_mass": cat("modes_mass"),
+    }
+
+
+def evaluate_run(
+    storage: str | None,
+    run_key: str,
+    embeddings_key: str,
+    split: str | None = "test",
+    dataset: str | None = None,
+    baselines: list[str] | tuple[str, ...] = BASELINES,
+    seed: int = 0,
+) -> str:
+    """Evaluate a committed run on one split of an embeddings artifact; returns the eval key."""
+    import pyarrow as pa
+    import torch
+    from locdiff_core.metrics import geolocation_metrics
+
+    from locdiff.tasks.data_io import load_table
+    from locdiff.tasks.train import load_checkpoint
+    from locdiff_core.sphere import haversine_km
+
+    unknown = sorted(set(baselines) - set(_BASELINE_KINDS))
+    if unknown:
+        raise ValueError(f"unknown baselines {unknown}; allowed: {sorted(_BASELINE_KINDS)}")
+    store = open_store(storage)
+    run_man = store.manifest(run_key)
+    dataset = dataset or embeddings_key.split("/")[1].split("/")[0]
+    run_name = run_man.get("run_name") or run_key.split("/")[1]
+    cfg = {"split": split, "dataset": dataset, "baselines": list(baselines), "seed": seed}
+    key = store.key(
+        "eval", f"{run_name}/{dataset}", STAGE_VERSIONS["evaluate"], cfg, [run_key, embeddings_key]
+    )
+    if store.exists(key):
+        return key
+
+    ids, emb, lat, lon = load_table(store, embeddings_key, split)
+    ckpt = load_checkpoint(storage, run_key)
+    bar = Progress("evaluate", f"evaluating {run_name} on {dataset}/{split or 'all'}")
+    methods: dict[str, dict[str, np.ndarray]] = {"locdiff": _predict_locdiff(ckpt, emb, seed, bar)}
+    train_emb_key = run_man.get("embeddings") or embeddings_key
+    for kind in baselines:
+        methods[kind] = _baseline_predictions(kind, store, train_emb_key, emb)
+
+    pred_tables, metric_rows = [], []
+    t_lat, t_lon = torch.from_numpy(lat), torch.from_numpy(lon)
+    for method, out in methods.items():
+        p_lat = torch.as_tensor(out["pred_lat"], dtype=torch.float64)
+        p_lon = torch.as_tensor(out["pred_lon"], dtype=torch.float64)
+        dist = haversine_km(t_lat, t_lon, p_lat, p_lon).numpy()
+        m = {
+            k: (float(v) if not isinstance(v, int) else v)
+            for k, v in geolocation_metrics(t_lat, t_lon, p_lat, p_lon).items()
+        }
+        metric_rows.append({"run": run_key, "dataset": dataset, "split": split or "", "method": method, **m})
+        cols = {
+            "method": [method] * len(ids),
+            "image_id": ids,
+            "true_lat": lat,
+            "true_lon": lon,
+            "pred_lat": p_lat.numpy(),
+            "pred_lon": p_lon.numpy(),
+            "distance_km": dist,
+            "score": np.asarray(out["score"], dtype=np.float64),
+        }
+        if "modes_lat" in out:
+            cols["modes_lat"] = [list(map(float, r)) for r in out["modes_lat"]]
+            cols["modes_lon"] = [list(map(float, r)) for r in out["modes_lon"]]
+            cols["modes_mass"] = [list(map(float, r)) for r in out["modes_mass"]]
+        else:
+            cols["modes_lat"] = [[] for _ in ids]
+            cols["modes_lon"] = [[] for _ in ids]
+            cols["modes_mass"] = [[] for _ in ids]
+        pred_tables.append(pa.table(cols))
+
+    with store.writer(key, config=cfg, upstream=[run_key, embeddings_key]) as w:
+        w.write_table("predictions.parquet", pa.concat_tables(pred_tables))
+        w.write_table("metrics.parquet", pa.Table.from_pylist(metric_rows))
+        w.set(metrics={r["method"]: {k: v for k, v in r.items() if k not in ("run",)} for r in metric_rows})
+    bar.done()
+    return key
+
+
+evaluate_task = task(
+    evaluate_run,
+    name="evaluate",
+    cache_policy=stage_cache("evaluate"),
+    persist_result=True,
+    timeout_seconds=6 * 3600,
+)
