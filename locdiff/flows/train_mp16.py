@@ -1,0 +1,52 @@
+"""`train-mp16`: the whole pipeline for MP16 by default, then evaluation (DESIGN §5).
+
+Every parameter can be overridden at run time, e.g. the end-to-end test's small run:
+
+    prefect deployment run train-mp16/default -p dataset=bluemarble -p encoder=efficientnet-lite0 \
+        -p preset=tiny -p 'dataset_options={"n_images": 400}' -p eval_datasets=[]
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from locdiff.flows.pipeline import run_pipeline
+
+
+@flow(name="train-mp16", log_prints=True)
+def train_mp16(
+    dataset: str = "mp16",
+    encoder: str = "ViT-L-14/openai",
+    preset: str = "default",
+    overrides: dict | None = None,
+    dataset_options: dict | None = None,
+    encoder_options: dict | None = None,
+    eval_datasets: list[str] | None = None,
+    anchors: dict | None = None,
+    baselines: list[str] | None = None,
+    storage: str | None = None,
+    refresh: bool = False,
+) -> dict:
+    """prepare -> embed -> targets -> anchors -> train -> evaluate -> report.
+
+    dataset: registry name (`locdiff datasets list`); encoder: `efficientnet-lite0` or an open_clip
+    `MODEL/PRETRAINED` (or a local checkpoint); preset: tiny | cpu | default | mp16; overrides: nested
+    config overrides, e.g. {"train": {"max_steps": 1000}}; eval_datasets: benchmarks to evaluate on
+    (skipped with a note when not prepared locally); baselines: e.g. ["most-common-region"];
+    storage: store URI (default $LOCDIFF_STORAGE or the project's data/store); refresh: retrain even
+    when an identical run is cached.
+    """
+    return run_pipeline(
+        dataset=dataset,
+        encoder=encoder,
+        preset=preset,
+        overrides=overrides,
+        dataset_options=dataset_options,
+        encoder_options=encoder_options,
+        eval_datasets=["im2gps3k", "yfcc4k"] if eval_datasets is None else eval_datasets,
+        anchors=anchors,
+        baselines=baselines if baselines is not None else [],
+        storage=storage,
+        refresh=refresh,
+        title=f"train-mp16 {dataset} {encoder} {preset}",
+    )
