@@ -133,6 +133,7 @@ def train_run(
         torch.save(result.checkpoint, buf)
         w.write_bytes("model.pt", buf.getvalue())
         w.write_bytes("curves.json", json.dumps(result.curves).encode())
+        w.write_table("curves.parquet", curves_table(result.curves))
         w.set(
             start_step=start_step,
             final_step=result.step,
@@ -143,6 +144,20 @@ def train_run(
         )
         bar.done()
     return key
+
+
+def curves_table(curves: dict):
+    """Training curves in long form (step, metric, value), metric "<curve>/<name>" (view `curves`)."""
+    import pyarrow as pa
+
+    rows = []
+    for curve, entries in curves.items():
+        for e in entries:
+            for name, value in e.items():
+                if name != "step" and isinstance(value, int | float):
+                    rows.append({"step": int(e["step"]), "metric": f"{curve}/{name}", "value": float(value)})
+    schema = pa.schema([("step", pa.int64()), ("metric", pa.string()), ("value", pa.float64())])
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def load_checkpoint(storage: str | None, run_key: str) -> dict:
