@@ -141,6 +141,8 @@ class NoiseSchedule:
             sigma = math.sqrt(beta * (1 - abar_p) / (1 - abar_t))
             needs_noise = prev >= 0 and sigma > 0
         if needs_noise:
-            z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+            # draw on the generator's device (a CPU generator keeps CUDA runs reproducible), then move
+            gdev = generator.device if generator is not None else x_t.device
+            z = torch.randn(x_t.shape, generator=generator, device=gdev, dtype=x_t.dtype).to(x_t.device)
             mean = mean + sigma * z
         return StepOutput(prev_sample=mean, pred_x0=model_x0)

@@ -1,0 +1,385 @@
+"""Training LocDiff: one readable loop (in the spirit of nanoGPT's train.py).
+
+``train(config, train_data, val_data)`` runs AdamW with a warmup + cosine learning rate (a pure function
+of the step, so there is no scheduler state to save), gradient clipping, EMA weights, periodic
+validation (median km of the EMA model on a fixed validation subset), bf16 autocast and TF32 on CUDA.
+
+Determinism: every random draw of the loop (batch indices, timesteps, noise, condition dropout,
+anchors) comes from one CPU ``torch.Generator`` seeded by ``train.seed``; dropout layers use the global
+torch RNG, seeded too. A checkpoint stores the model, the EMA, the optimizer, the step, every RNG state
+(loop generator, torch, CUDA, numpy, python), the config and the curves; resuming from it continues
+bit-for-bit on CPU. No file I/O here: checkpoints are state dicts handed to ``checkpoint_callback`` and
+taken back through ``resume_from`` (the task layer saves them with ``torch.save``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import LocDiffConfig, config_diff
+from .denoiser import CSUNet
+from .diffusion import NoiseSchedule
+
+CHECKPOINT_FORMAT = "locdiff-checkpoint/1"
+# Fields that may change between a checkpoint and its resumption: they do not alter the trajectory.
+RESUME_SAFE_FIELDS = frozenset(
+    {
+        "train.log_every",
+        "train.eval_every",
+        "train.eval_size",
+        "train.eval_samples",
+        "train.eval_steps",
+        "train.checkpoint_every",
+        "train.device",
+    }
+)
+
+
+@dataclass(frozen=True)
+class GeoEmbeddings:
+    """Image embeddings with their true locations: emb [N, E] (any float dtype), lat/lon [N] degrees."""
+
+    emb: Tensor
+    lat_deg: Tensor
+    lon_deg: Tensor
+
+    def __post_init__(self) -> None:
+        emb, lat, lon = self.emb, self.lat_deg, self.lon_deg
+        if not isinstance(emb, Tensor) or emb.ndim != 2 or not emb.is_floating_point():
+            raise ValueError(f"emb must be a float tensor [N, E], got {getattr(emb, 'shape', type(emb))}")
+        n = emb.shape[0]
+        if n == 0:
+            raise ValueError("the data set is empty (0 rows)")
+        for name, v in (("lat_deg", lat), ("lon_deg", lon)):
+            if not isinstance(v, Tensor) or v.shape != (n,):
+                raise ValueError(
+                    f"{name} must be a tensor of shape [{n}], got {getattr(v, 'shape', type(v))}"
+                )
+        bad = (~torch.isfinite(emb).all(dim=1)).nonzero()
+        if bad.numel():
+            raise ValueError(f"emb has NaN/inf values in {bad.numel()} rows (first: row {int(bad[0, 0])})")
+        bad = ((lat.abs() > 90) | (lon.abs() > 180) | ~torch.isfinite(lat) | ~torch.isfinite(lon)).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise ValueError(
+                f"row {i}: lat={float(lat[i])}, lon={float(lon[i])} out of range (lat in [-90, 90], "
+                f"lon in [-180, 180])"
+            )
+
+    def __len__(self) -> int:
+        return self.emb.shape[0]
+
+    @property
+    def embed_dim(self) -> int:
+        return self.emb.shape[1]
+
+    def subset(self, idx: Tensor) -> GeoEmbeddings:
+        return GeoEmbeddings(self.emb[idx], self.lat_deg[idx], self.lon_deg[idx])
+
+
+@dataclass
+class TrainResult:
+    checkpoint: dict  # the final checkpoint (see module docstring)
+    step: int
+    curves: dict = field(default_factory=dict)  # {"train": [...], "val": [...]}
+    val_metrics: dict | None = None  # last periodic/final validation metrics
+
+
+def lr_at(step: int, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``lr·min_lr_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return lr * min_lr_ratio
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+        pe.lerp_(pm.detach().to(pe.dtype), 1.0 - decay)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay warmed up as min(decay, (1+step)/(10+step)) so early averages are not stuck at init."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but CUDA is not available; allowed here: 'auto', 'cpu'")
+    return torch.device(name)
+
+
+def build_model(config: LocDiffConfig) -> CSUNet:
+    return CSUNet(config.dim, config.embed_dim, config.model)
+
+
+def check_compatible(config: LocDiffConfig, checkpoint: dict) -> LocDiffConfig:
+    """Refuse a checkpoint of another format or config; returns the checkpoint's config."""
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        got = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"not a LocDiff checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})")
+    saved = LocDiffConfig.from_dict(checkpoint["config"])
+    diff = {k: v for k, v in config_diff(saved, config).items() if k not in RESUME_SAFE_FIELDS}
+    if diff:
+        parts = "; ".join(f"{k}: checkpoint={a!r}, requested={b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"checkpoint config differs from the requested config in {len(diff)} field(s): {parts}. "
+            f"Only {sorted(RESUME_SAFE_FIELDS)} may change on resume."
+        )
+    return saved
+
+
+# --------------------------------------------------------------------------------------------------
+# loss
+# --------------------------------------------------------------------------------------------------
+def sample_anchors(
+    config: LocDiffConfig,
+    target_lat: Tensor,
+    target_lon: Tensor,
+    data_lat: Tensor,
+    data_lon: Tensor,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """Fresh SHDD-KL anchors for one step: jittered uniform + data distribution + caps around targets."""
+    from .anchors import from_coordinates, near_target_anchors, uniform_anchors
+
+    lc = config.loss
+    lats, lons = [], []
+    if lc.n_uniform_anchors:
+        la, lo = uniform_anchors(lc.n_uniform_anchors, jitter=True, generator=generator)
+        lats.append(la.reshape(-1)), lons.append(lo.reshape(-1))
+    if lc.n_data_anchors:
+        la, lo = from_coordinates(data_lat, data_lon, lc.n_data_anchors, generator=generator)
+        lats.append(la.reshape(-1)), lons.append(lo.reshape(-1))
+    if lc.n_near_anchors:
+        la, lo = near_target_anchors(target_lat, target_lon, lc.near_radius_km, lc.n_near_anchors, generator)
+        lats.append(la.reshape(-1)), lons.append(lo.reshape(-1))
+    return torch.cat([x.to(torch.float64) for x in lats]), torch.cat([x.to(torch.float64) for x in lons])
+
+
+def compute_loss(
+    config: LocDiffConfig,
+    shdd,
+    pred_x0: Tensor,
+    x0: Tensor,
+    anchors: tuple[Tensor, Tensor] | None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The selected loss on the predicted x₀ (x = √(4π)·code); returns (loss, parts for logging)."""
+    lc = config.loss
+    parts: dict[str, float] = {}
+    loss = pred_x0.new_zeros(())
+    if lc.kind in ("mse", "mse+kl"):
+        mse = (pred_x0 - x0).pow(2).mean()
+        parts["mse"] = float(mse.detach())
+        loss = loss + (lc.mse_weight if lc.kind == "mse+kl" else 1.0) * mse
+    if lc.kind in ("kl", "mse+kl"):
+        assert anchors is not None
+        scale = shdd.scale
+        kl = shdd.kl_loss(pred_x0 / scale, x0 / scale, anchors[0], anchors[1], tau=lc.tau)
+        parts["kl"] = float(kl.detach())
+        loss = loss + (lc.kl_weight if lc.kind == "mse+kl" else 1.0) * kl
+    return loss, parts
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------------
+def _rng_state(gen: torch.Generator) -> dict:
+    state = {
+        "loop": gen.get_state(),
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),  # noqa: NPY002 (global state, saved for resume)
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(gen: torch.Generator, state: dict) -> None:
+    gen.set_state(state["loop"])
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _cpu_state_dict(module: torch.nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def train(
+    config: LocDiffConfig,
+    train_data: GeoEmbeddings,
+    val_data: GeoEmbeddings | None = None,
+    *,
+    checkpoint_callback: Callable[[dict], None] | None = None,
+    resume_from: dict | None = None,
+    progress: Callable[[dict], None] | None = None,
+    max_steps: int | None = None,
+) -> TrainResult:
+    """Train (or resume) LocDiff; stop at ``max_steps`` (absolute step) or ``config.train.max_steps``.
+
+    ``max_steps`` stops early without changing the LR schedule (that is what lets k + (N−k) equal N).
+    """
+    from .shdd import SHDD
+
+    tc = config.train
+    if train_data.embed_dim != config.embed_dim:
+        raise ValueError(
+            f"train_data embeddings are {train_data.embed_dim}-d but config.embed_dim={config.embed_dim}"
+        )
+    if val_data is not None and val_data.embed_dim != config.embed_dim:
+        raise ValueError(
+            f"val_data embeddings are {val_data.embed_dim}-d, config.embed_dim={config.embed_dim}"
+        )
+    stop_at = tc.max_steps if max_steps is None else min(int(max_steps), tc.max_steps)
+    device = resolve_device(tc.device)
+    use_bf16 = device.type == "cuda" and tc.amp in ("auto", "bf16")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # -- model, EMA, optimizer, RNG -----------------------------------------------------------------
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed % 2**32)  # noqa: NPY002 (seed the global state too)
+    random.seed(tc.seed)
+    gen = torch.Generator().manual_seed(tc.seed)
+    model = build_model(config).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    decay_params = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    other_params = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay_params, "weight_decay": tc.weight_decay},
+            {"params": other_params, "weight_decay": 0.0},
+        ],
+        lr=tc.lr,
+        betas=(tc.beta1, tc.beta2),
+    )
+    schedule = NoiseSchedule(config.diffusion)
+    shdd = SHDD(config.max_degree)
+    step = 0
+    curves: dict[str, list] = {"train": [], "val": []}
+    if resume_from is not None:
+        check_compatible(config, resume_from)
+        model.load_state_dict(resume_from["model"])
+        ema.load_state_dict(resume_from["ema"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        step = int(resume_from["step"])
+        curves = copy.deepcopy(resume_from.get("curves", curves))
+        _set_rng_state(gen, resume_from["rng"])
+
+    data_lat = train_data.lat_deg.to(torch.float64)
+    data_lon = train_data.lon_deg.to(torch.float64)
+    val_subset = None
+    if val_data is not None:
+        n_val = min(tc.eval_size, len(val_data))
+        val_subset = val_data.subset(
+            torch.randperm(len(val_data), generator=torch.Generator().manual_seed(1))[:n_val]
+        )
+
+    def make_checkpoint() -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": config.to_dict(),
+            "step": step,
+            "model": _cpu_state_dict(model),
+            "ema": _cpu_state_dict(ema),
+            "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "rng": _rng_state(gen),
+            "curves": copy.deepcopy(curves),
+        }
+
+    def evaluate() -> dict:
+        from .metrics import geolocation_metrics
+        from .sampling import predict_with
+
+        ema.eval()
+        dec = predict_with(
+            ema,
+            schedule,
+            shdd,
+            val_subset.emb,
+            num_samples=tc.eval_samples,
+            num_steps=tc.eval_steps,
+            sampler="ddim",
+            generator=torch.Generator().manual_seed(tc.seed + 1),
+            infer=config.infer,
+        )
+        m = geolocation_metrics(val_subset.lat_deg, val_subset.lon_deg, dec.lat_deg, dec.lon_deg)
+        return {k: float(v) for k, v in m.items()}
+
+    # -- loop ---------------------------------------------------------------------------------------
+    val_metrics = None
+    model.train()
+    t0, seen, loss_acc, n_acc = time.perf_counter(), 0, 0.0, 0
+    while step < stop_at:
+        lr = lr_at(step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(train_data), (tc.batch_size,), generator=gen)  # [B]
+        lat, lon = data_lat[idx], data_lon[idx]  # [B]
+        emb = train_data.emb[idx].to(device=device, dtype=torch.float32)  # [B, E]
+        x0 = (shdd.scale * shdd.encode(lat, lon)).to(device=device, dtype=torch.float32)  # [B, D]
+        t = schedule.sample_timesteps(tc.batch_size, generator=gen)  # [B]
+        noise = torch.randn(x0.shape, generator=gen).to(device)  # [B, D]
+        drop = (torch.rand(tc.batch_size, generator=gen) < config.model.p_uncond).to(device)  # [B]
+        anchors = (
+            sample_anchors(config, lat, lon, data_lat, data_lon, gen) if config.loss.kind != "mse" else None
+        )
+        x_t = schedule.add_noise(x0, noise, t.to(device))  # [B, D]
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            pred = model(x_t, t.to(device), emb, drop)  # [B, D]
+        loss, parts = compute_loss(config, shdd, pred.float(), x0, anchors)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = (
+            float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            if tc.grad_clip > 0
+            else 0.0
+        )
+        optimizer.step()
+        ema_update(ema, model, ema_decay_at(step, tc.ema_decay))
+        step += 1
+        seen += tc.batch_size
+        loss_acc += float(loss.detach())
+        n_acc += 1
+        if not math.isfinite(loss_acc):
+            raise FloatingPointError(f"loss became {loss_acc} at step {step}; lower train.lr (now {tc.lr})")
+
+        if tc.log_every and (step % tc.log_every == 0 or step == stop_at):
+            elapsed = time.perf_counter() - t0
+            row = {"step": step, "loss": loss_acc / n_acc, "lr": lr, "grad_norm": grad_norm, **parts}
+            row["samples_per_s"] = seen / max(elapsed, 1e-9)
+            curves["train"].append(row)
+            if progress:
+                progress({"event": "train", **row, "max_steps": tc.max_steps})
+            t0, seen, loss_acc, n_acc = time.perf_counter(), 0, 0.0, 0
+        if val_subset is not None and tc.eval_every and (step % tc.eval_every == 0 or step == stop_at):
+            val_metrics = evaluate()
+            curves["val"].append({"step": step, **val_metrics})
+            if progress:
+                progress({"event": "val", "step": step, **val_metrics})
+        if checkpoint_callback and tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < stop_at:
+            checkpoint_callback(make_checkpoint())
+
+    final = make_checkpoint()
+    if checkpoint_callback:
+        checkpoint_callback(final)
+    return TrainResult(checkpoint=final, step=step, curves=curves, val_metrics=val_metrics)
