@@ -1,0 +1,204 @@
+"""CLI: `locdiff datasets list|prepare` and the top-level `locdiff sql`."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from locdiff.errors import UserError
+
+datasets_app = typer.Typer(
+    help="Datasets: what is known, what is local, and how to prepare them.", no_args_is_help=True
+)
+
+_STORAGE_HELP = "storage root URI (default: $LOCDIFF_STORAGE or <project>/data/store)"
+
+
+def _store(storage: str | None):
+    from locdiff.storage import Store
+
+    return Store.from_uri(storage)
+
+
+@datasets_app.command("list")
+def list_datasets(
+    storage: str = typer.Option(None, "--storage", help=_STORAGE_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also show sources, licence and pitfalls"),
+) -> None:
+    """Show the known datasets, which are committed in the store, and how to get the others."""
+    from locdiff.datasets.registry import REGISTRY
+
+    store = _store(storage)
+    local: dict[str, list[dict]] = {}
+    for m in store.list("datasets"):
+        local.setdefault(m.get("name", ""), []).append(m)
+    print(f"storage: {store.url}")
+    print(f"{'name':<11} {'kind':<9} {'images':<44} local")
+    for spec in REGISTRY.values():
+        mans = local.pop(spec.name, [])
+        here = f"yes: {mans[-1]['key']} ({mans[-1].get('rows')} rows)" if mans else "no"
+        print(f"{spec.name:<11} {spec.kind:<9} {spec.n_images[:44]:<44} {here}")
+        if not mans or verbose:
+            print(f"{'':<11} how: {spec.obtain}")
+        if verbose:
+            print(f"{'':<11} title: {spec.title}; size: {spec.size}")
+            for src in spec.sources:
+                print(f"{'':<11} source: {src}")
+            print(f"{'':<11} licence: {spec.licence}")
+            print(f"{'':<11} columns: {spec.columns}")
+            for p in spec.pitfalls:
+                print(f"{'':<11} pitfall: {p}")
+    for name, mans in sorted(local.items()):  # user datasets
+        print(f"{name:<11} {'user':<9} {'':<44} yes: {mans[-1]['key']} ({mans[-1].get('rows')} rows)")
+
+
+@datasets_app.command("prepare")
+def prepare(
+    name: str = typer.Argument(..., help="a registry name (see `locdiff datasets list`) or any new name"),
+    manifest: Path = typer.Option(
+        None, "--manifest", help="CSV/Parquet with image id, path or URL, lat, lon"
+    ),
+    images_root: Path = typer.Option(None, "--images-root", help="folder that relative image paths are in"),
+    archive: Path = typer.Option(None, "--archive", help="a tar/zip of the images (extracted safely)"),
+    fix_swapped: bool = typer.Option(False, "--fix-swapped", help="swap LAT/LON when the header is reversed"),
+    split: str = typer.Option(None, "--split", help="split for rows without a split column"),
+    shard_size: int = typer.Option(1000, "--shard-size", min=1),
+    workers: int = typer.Option(16, "--workers", min=1, help="concurrent downloads"),
+    limit: int = typer.Option(None, "--limit", min=1, help="only the first N rows"),
+    n: int = typer.Option(None, "--n", min=1, help="bluemarble: number of tiles"),
+    seed: int = typer.Option(0, "--seed", help="bluemarble: random seed"),
+    storage: str = typer.Option(None, "--storage", help=_STORAGE_HELP),
+) -> None:
+    """Build a dataset artifact (manifest Parquet + tar shards) in the store; prints its key."""
+    from locdiff.datasets.registry import REGISTRY
+
+    store = _store(storage)
+    spec = REGISTRY.get(name.lower())
+    if spec is not None and spec.kind == "embedded":
+        try:
+            mod = importlib.import_module("locdiff.datasets.bluemarble")
+        except ModuleNotFoundError as exc:
+            raise UserError("the bluemarble builder is not installed in this checkout") from exc
+        kwargs = {"seed": seed}
+        if n is not None:
+            kwargs["n"] = n
+        key = mod.build_bluemarble(store, **kwargs)
+        print(key)
+        return
+    if manifest is None:
+        how = (
+            spec.obtain
+            if spec is not None
+            else "pass --manifest FILE (CSV/Parquet: id, path or URL, lat, lon)"
+        )
+        raise UserError(f"dataset {name!r} needs a manifest file (--manifest)", how)
+    if not manifest.exists():
+        raise UserError(f"manifest not found: {manifest}", "check the --manifest path")
+    from locdiff.datasets.prepare import prepare_from_manifest
+
+    default_split = split or (spec.splits[0] if spec is not None else "test")
+
+    def progress(shards: int, rows: int) -> None:
+        print(f"  shard {shards}: {rows} rows so far", file=sys.stderr)
+
+    key = prepare_from_manifest(
+        store,
+        name.lower(),
+        manifest,
+        images_root=images_root,
+        archive=archive,
+        fix_swapped=fix_swapped,
+        default_split=default_split,
+        shard_size=shard_size,
+        max_workers=workers,
+        limit=limit,
+        progress=progress,
+    )
+    man = store.manifest(key)
+    print(
+        f"{key}: {man.get('rows')} images, {man.get('n_skipped', 0)} skipped "
+        f"({man.get('n_dead', 0)} dead links), {man.get('n_dropped_rows', 0)} rows without coordinates",
+        file=sys.stderr,
+    )
+    print(key)
+
+
+def sql(
+    query: str = typer.Argument(
+        ..., help="SQL over the views: artifacts, datasets, embeddings, runs, curves, predictions, metrics"
+    ),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet"),
+    output: Path = typer.Option(None, "--output", "-o", help="write to this file (required for parquet)"),
+    storage: str = typer.Option(None, "--storage", help=_STORAGE_HELP),
+    max_rows: int = typer.Option(100, "--max-rows", help="table format: rows shown"),
+) -> None:
+    """Run SQL against the artifact catalog (DuckDB) and print the result."""
+    import duckdb
+
+    from locdiff.catalog import connect
+
+    formats = ("table", "csv", "json", "parquet")
+    if fmt not in formats:
+        raise UserError(f"unknown --format {fmt!r}", f"allowed: {', '.join(formats)}")
+    if fmt == "parquet" and output is None:
+        raise UserError("--format parquet needs --output FILE")
+    con = connect(_store(storage))
+    try:
+        rel = con.sql(query)
+    except duckdb.Error as exc:
+        raise UserError(
+            f"SQL error: {exc}".splitlines()[0],
+            "views: artifacts, datasets, embeddings, runs, curves, predictions, metrics",
+        ) from exc
+    if rel is None:  # a statement without a result (e.g. SET)
+        return
+    try:
+        table = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+    except duckdb.Error as exc:
+        raise UserError(f"SQL error: {exc}".splitlines()[0]) from exc
+    if hasattr(table, "read_all"):
+        table = table.read_all()
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, output)
+        print(f"{table.num_rows} rows -> {output}", file=sys.stderr)
+        return
+    df = table.to_pandas()
+    if fmt == "csv":
+        text = df.to_csv(index=False)
+    elif fmt == "json":
+        text = json.dumps(json.loads(df.to_json(orient="records", date_format="iso")), indent=1) + "\n"
+    else:
+        import pandas as pd
+
+        with pd.option_context(
+            "display.max_rows",
+            max_rows,
+            "display.max_columns",
+            50,
+            "display.width",
+            200,
+            "display.max_colwidth",
+            60,
+        ):
+            text = (
+                df.head(max_rows).to_string(index=False)
+                if len(df)
+                else "(no rows) columns: " + ", ".join(df.columns)
+            ) + "\n"
+            if len(df) > max_rows:
+                text += f"... {len(df) - max_rows} more rows (use --max-rows or --format csv)\n"
+    if output is not None:
+        Path(output).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level `sql` command."""
+    app.command("sql")(sql)
