@@ -3,7 +3,7 @@
 Every parameter can be overridden at run time, e.g. the end-to-end test's small run:
 
     prefect deployment run train-mp16/default -p dataset=bluemarble -p encoder=efficientnet-lite0 \
-        -p preset=tiny -p 'dataset_options={"n_images": 400}' -p eval_datasets=[]
+        -p preset=tiny -p 'dataset_options={"n": 400}' -p eval_datasets=[]
 """
 
 from __future__ import annotations

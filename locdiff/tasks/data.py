@@ -21,21 +21,40 @@ from locdiff.tasks.common import (
 
 
 def prepare_dataset(storage: str | None, dataset: str, options: dict | None = None) -> str:
-    """Prepare (download/validate/shard) a registry dataset, or build the embedded sample; returns its key."""
-    from locdiff.datasets import prepare_dataset as _prepare
+    """Build the embedded sample, prepare a dataset from a manifest (options["manifest"]), or reuse a
+    dataset already committed in the store; returns its key."""
+    from locdiff.datasets.registry import REGISTRY
 
     store = open_store(storage)
-    bar = Progress("prepare", f"preparing {dataset}")
-    key = _prepare(store, dataset, progress=bar, **dict(options or {}))
-    bar.done()
+    options = dict(options or {})
+    spec = REGISTRY.get(dataset.lower())
+    if spec is not None and spec.kind == "embedded":
+        from locdiff.datasets.bluemarble import DEFAULT_N, build_bluemarble
+
+        n = int(options.get("n", DEFAULT_N))
+        bar = Progress("prepare", f"building {dataset} ({n} tiles)")
+        key = build_bluemarble(store, progress=lambda shards, rows: bar(rows, n), **options)
+        bar.done()
+        return key
+    if options.get("manifest"):
+        from locdiff.datasets.prepare import prepare_from_manifest
+
+        bar = Progress("prepare", f"preparing {dataset}")
+        key = prepare_from_manifest(store, dataset.lower(), **options)
+        bar.done()
+        return key
+    key = store.latest("datasets", dataset.lower())
+    if key is None:
+        from locdiff.errors import UserError
+
+        how = spec.obtain if spec is not None else "pass dataset_options={'manifest': FILE}"
+        raise UserError(f"dataset {dataset!r} is not in the store {store.url}", how)
     return key
 
 
 def dataset_available(storage: str | None, dataset: str) -> str | None:
-    """The key of a committed dataset artifact, or None when the dataset is not present locally."""
-    from locdiff.datasets import find_dataset
-
-    return find_dataset(open_store(storage), dataset)
+    """The key of the newest committed dataset artifact of that name, or None when absent."""
+    return open_store(storage).latest("datasets", dataset.lower())
 
 
 def embed_dataset(storage: str | None, dataset_key: str, encoder: str, options: dict | None = None) -> str:
