@@ -104,6 +104,9 @@ def validate_table(
     if cols["image_id"] is None and cols["image"] is not None:
         cols["image_id"] = cols["image"]  # e.g. MP16's IMG_ID is itself a relative path
         notes.append(f"no id column: using {cols['image']!r} as image_id")
+    if cols["image"] is None and cols["image_id"] is not None and require_image:
+        cols["image"] = cols["image_id"]  # Im2GPS3k / MP16: IMG_ID is the image's relative path
+        notes.append(f"no image column: using {cols['image_id']!r} as the image path")
     required = ["image_id", "lat", "lon"] + (["image"] if require_image else [])
     missing = [c for c in required if cols[c] is None]
     if missing:
