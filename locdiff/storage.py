@@ -527,6 +527,15 @@ class ArtifactWriter:
         self._parts[relpath] = entry
         return True
 
+    def open_part(self, relpath: str, mode: str = "rb"):
+        """Open a finished part (this attempt's, or one reused via :meth:`part_done`) for reading."""
+        relpath = _check_relpath(relpath)
+        if relpath not in self._parts:
+            raise ValueError(f"{relpath!r} is not a finished part of {self.key}; check part_done() first")
+        if "r" not in mode or any(c in mode for c in "wax+"):
+            raise ValueError(f"open_part is read-only (mode 'rb' or 'r'), got {mode!r}")
+        return self.store.fs.open(self.store._p(self.key, self._parts[relpath]["path"]), mode)
+
     def commit_part(self, relpath: str, rows: int | None = None) -> dict:
         """Mark one written part finished (checksum recorded); survives a crash of this process."""
         relpath = _check_relpath(relpath)

@@ -183,8 +183,7 @@ def _read_index(writer: ArtifactWriter, relpath: str) -> pa.Table | None:
     index_rel = relpath[: -len(".tar")] + ".parquet"
     if not (writer.part_done(relpath) and writer.part_done(index_rel)):
         return None
-    entry = writer._parts[index_rel]
-    with writer.store.fs.open(writer.store._p(writer.key, entry["path"]), "rb") as f:
+    with writer.open_part(index_rel) as f:
         return pq.read_table(f)
 
 

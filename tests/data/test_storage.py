@@ -108,6 +108,10 @@ def test_resume_reuses_committed_parts(store):
         raise KeyboardInterrupt
     with store.writer(key) as w:
         assert w.part_done("part-0.bin") and not w.part_done("part-1.bin")
+        with w.open_part("part-0.bin") as f:
+            assert f.read() == b"zero"
+        with pytest.raises(ValueError, match="not a finished part"):
+            w.open_part("part-1.bin")
         w.write_bytes("part-1.bin", b"one")
         w.commit_part("part-1.bin", rows=3)
     man = store.manifest(key)
