@@ -46,8 +46,8 @@ def load_table(store: Store, key: str, split: str | None = None):
     width = len(emb_col[0].as_py()) if len(emb_col) else 0
     values = emb_col.flatten().to_numpy(zero_copy_only=False)
     emb = np.asarray(values, dtype=np.float32).reshape(len(table), width)
-    lat = np.asarray(table["lat"].to_numpy(zero_copy_only=False), dtype=np.float64)
-    lon = np.asarray(table["lon"].to_numpy(zero_copy_only=False), dtype=np.float64)
+    lat = np.array(table["lat"].to_numpy(zero_copy_only=False), dtype=np.float64)
+    lon = np.array(table["lon"].to_numpy(zero_copy_only=False), dtype=np.float64)
     return table["image_id"].to_pylist(), emb, lat, lon
 
 
@@ -58,4 +58,4 @@ def load_embeddings(store: Store, key: str, split: str | None = None):
     from locdiff_core.train import GeoEmbeddings
 
     _, emb, lat, lon = load_table(store, key, split)
-    return GeoEmbeddings(torch.from_numpy(emb), torch.from_numpy(lat), torch.from_numpy(lon))
+    return GeoEmbeddings(torch.tensor(emb), torch.tensor(lat), torch.tensor(lon))

@@ -1,0 +1,68 @@
+"""Flow tests under one shared `prefect_test_harness`: caching, artifacts, nightly skipping."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prefect import flow
+
+from locdiff.storage import Store
+from locdiff.tasks.train import train_task
+
+pytestmark = pytest.mark.slow
+
+TINY = {"train": {"max_steps": 40, "log_every": 20}}
+
+
+def _artifacts(flow_run_id=None):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    async def read():
+        async with get_client() as c:
+            return await c.read_artifacts(
+                artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["table", "markdown"]))
+            )
+
+    return asyncio.run(read())
+
+
+def test_same_inputs_reuse_the_finished_stage(prefect_harness, store_uri, embeddings_key):
+    @flow
+    def twice():
+        a = train_task(store_uri, embeddings_key, "tiny", TINY, return_state=True)
+        b = train_task(store_uri, embeddings_key, "tiny", TINY, return_state=True)
+        return a, b
+
+    a, b = twice()
+    assert a.is_completed() and b.is_completed()
+    assert not a.name == "Cached"
+    assert b.name == "Cached"
+    assert a.result() == b.result()
+
+
+def test_stage_flows_publish_metrics_and_report(prefect_harness, store_uri, embeddings_key):
+    from locdiff.flows.evaluate import evaluate_flow
+    from locdiff.flows.report import report_flow
+    from locdiff.flows.train import train_flow
+
+    run_key = train_flow(embeddings_key, "tiny", TINY, None, store_uri)
+    eval_key = evaluate_flow(run_key, embeddings_key, "test", "im2gps3k", ["most-common-region"], store_uri)
+    out = report_flow([eval_key], "flow test", [], store_uri)
+    # published figures sit beside ours for a standard benchmark name
+    assert any(r["source"] == "published" and r["method"] == "LocDiff (paper)" for r in out["rows"])
+    keys = {a.key for a in _artifacts()}
+    assert {"flow-test-metrics", "flow-test-report"} <= keys
+    Store.from_uri(store_uri).manifest(out["key"])  # committed
+
+
+def test_nightly_skips_absent_datasets_with_a_note(prefect_harness, store_uri, embeddings_key):
+    from locdiff.flows.evaluate_latest import evaluate_latest
+    from locdiff.flows.train import train_flow
+
+    run_key = train_flow(embeddings_key, "tiny", TINY, None, store_uri)
+    out = evaluate_latest(datasets=["yfcc26k", "gws15k"], run_key=run_key, storage=store_uri)
+    assert out["evaluations"] == []
+    assert [n.split(":")[0] for n in out["notes"]] == ["yfcc26k", "gws15k"]
+    assert all("not present locally" in n for n in out["notes"])
