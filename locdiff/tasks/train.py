@@ -52,8 +52,7 @@ def _latest_part(writer, max_steps: int, every: int) -> tuple[int, dict] | None:
     for step in range((max_steps // every) * every, 0, -every):
         rel = checkpoint_relpath(step)
         if writer.part_done(rel):
-            entry = writer._parts[rel]
-            with writer.store.fs.open(writer.store._p(writer.key, entry["path"]), "rb") as f:
+            with writer.open_part(rel) as f:
                 ckpt = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
             return step, ckpt
     return None
