@@ -101,9 +101,17 @@ class Stack:
     so that later commands (and other shells) find the same server.
     """
 
-    def __init__(self, root: Path | str | None = None, port: int | None = None, pool: str | None = None):
+    def __init__(
+        self,
+        root: Path | str | None = None,
+        port: int | None = None,
+        pool: str | None = None,
+        home: Path | str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ):
         self.root = Path(root).resolve() if root else project_dir()
-        self.home = self.root / ".prefect"
+        self.home = Path(home).resolve() if home else self.root / ".prefect"
+        self.extra_env = dict(extra_env or {})
         self.state_dir = self.home / "stack"
         state = self._read_state()
         env_port = os.environ.get("LOCDIFF_PREFECT_PORT")
@@ -138,6 +146,7 @@ class Stack:
             LOCDIFF_PROJECT_DIR=str(self.root),
         )
         env.setdefault("HF_HUB_OFFLINE", "1")
+        env.update(self.extra_env)
         if self.s3_port:
             env.setdefault("LOCDIFF_S3_ENDPOINT", f"http://127.0.0.1:{self.s3_port}")
         return env
