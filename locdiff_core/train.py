@@ -271,6 +271,7 @@ def train(
         ],
         lr=tc.lr,
         betas=(tc.beta1, tc.beta2),
+        foreach=True,  # one fused multi-tensor update: faster than per-tensor on CPU for this many params
     )
     schedule = NoiseSchedule(config.diffusion)
     shdd = SHDD(config.max_degree)

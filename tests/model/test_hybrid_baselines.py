@@ -4,20 +4,11 @@ import torch
 from locdiff_core.baselines import assign_cells, train_baseline
 from locdiff_core.config import TrainConfig
 from locdiff_core.hybrid import CosineGalleryScorer, candidates_within, hybrid_predict
-from locdiff_core.sphere import fibonacci_lattice, haversine_km, latlon_to_xyz, sample_uniform
-from locdiff_core.train import GeoEmbeddings
+from locdiff_core.sphere import fibonacci_lattice, haversine_km, latlon_to_xyz
+
+from ._data import location_embeddings
 
 torch.set_num_threads(2)
-
-
-def location_embeddings(n, dim=32, noise=0.05, seed=0):
-    """Embeddings that are a noisy random projection of the location's unit vector (+ its square)."""
-    g = torch.Generator().manual_seed(seed)
-    lat, lon = sample_uniform(n, generator=g)
-    xyz = latlon_to_xyz(lat, lon).float()
-    proj = torch.randn(3, dim, generator=torch.Generator().manual_seed(123))
-    emb = torch.sin(3 * xyz @ proj) + noise * torch.randn(n, dim, generator=g)
-    return GeoEmbeddings(emb, lat, lon)
 
 
 def test_candidates_within_matches_haversine():
