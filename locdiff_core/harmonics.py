@@ -1,0 +1,163 @@
+"""Real orthonormal spherical harmonics to high degree, batched over points and vectorised over orders.
+
+Basis (DESIGN §3): for degree l = 0..L and order m = -l..l, at colatitude theta and longitude phi,
+
+    Y_lm = sqrt(2) * Pbar_l^m(cos theta) * cos(m phi)      m > 0
+    Y_l0 = Pbar_l^0(cos theta)
+    Y_lm = sqrt(2) * Pbar_l^|m|(cos theta) * sin(|m| phi)  m < 0
+
+where Pbar_l^m = sqrt((2l+1)/(4 pi) * (l-m)!/(l+m)!) * P_l^m is the fully normalised associated Legendre
+function WITHOUT the Condon-Shortley phase. Y_lm sits at index l*l + l + m; there are (L+1)**2 functions.
+Each is orthonormal over the unit sphere: integral of Y_i * Y_j dOmega = delta_ij.
+
+Algorithm. The standard fully-normalised three-term recurrence in the degree (e.g. Holmes & Featherstone,
+J. Geodesy 76, 2002):
+
+    Pbar_0^0 = 1/sqrt(4 pi)
+    Pbar_m^m = sqrt((2m+1)/(2m)) * sin(theta) * Pbar_{m-1}^{m-1}
+    Pbar_l^m = a_lm * (cos(theta) * Pbar_{l-1}^m - b_lm * Pbar_{l-2}^m),
+    a_lm = sqrt((4l^2-1)/(l^2-m^2)),  b_lm = sqrt(((l-1)^2-m^2)/(4(l-1)^2-1))
+
+The loop runs over the degree l; every step updates all orders m < l at once for all points. The sectoral
+seeds Pbar_m^m ~ sin(theta)^m underflow long before L = 1000 (in float32 already near L = 60 close to the
+poles), which is where peer code produces zeros or NaNs. We therefore carry every order's column as a
+mantissa and a power-of-two exponent (the "extended range" idea of Fukushima, J. Geodesy 86, 2012): the
+seed is built in log space in float64, the mantissa is renormalised when it grows, and the exponent is
+applied only when a value is written out. Values that truly lie below the dtype's range flush to zero.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from locdiff_core._checks import check_degree, check_latlon
+
+_LN2 = math.log(2.0)
+# Renormalise a column when its mantissa exceeds 2**_RENORM_BITS; checked every _RENORM_EVERY degrees.
+# Growth per degree step is at most a_lm <= sqrt(2l+1) (~45 at L = 1000), so 4 steps add < 2**23.
+_RENORM_EVERY = 4
+_RENORM_BITS = {torch.float32: 40, torch.float64: 300}
+
+
+def num_coefficients(max_degree: int) -> int:
+    """(L+1)**2: the number of real spherical harmonics of degree <= L."""
+    return (check_degree(max_degree) + 1) ** 2
+
+
+def degree_index(max_degree: int) -> torch.Tensor:
+    """The degree l of every coefficient, shape ``[(L+1)**2]`` (useful to expand per-degree weights)."""
+    L = check_degree(max_degree)
+    return torch.repeat_interleave(torch.arange(L + 1), 2 * torch.arange(L + 1) + 1)
+
+
+@lru_cache(maxsize=16)
+def _recurrence_coefficients(L: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """a[l, m], b[l, m] for 0 <= m < l <= L and log of the sectoral constant, all float64."""
+    l = torch.arange(L + 1, dtype=torch.float64)[:, None]
+    m = torch.arange(L + 1, dtype=torch.float64)[None, :]
+    valid = m < l
+    den_a = torch.where(valid, l * l - m * m, torch.ones(()))
+    a = torch.where(valid, torch.sqrt((4 * l * l - 1) / den_a), torch.zeros(()))
+    num_b = (l - 1) ** 2 - m * m
+    den_b = 4 * (l - 1) ** 2 - 1
+    b = torch.where(valid & (num_b > 0), torch.sqrt(num_b.clamp_min(0) / den_b.clamp_min(1)), torch.zeros(()))
+    k = torch.arange(1, L + 1, dtype=torch.float64)
+    log_seed = torch.cat(
+        [torch.zeros(1, dtype=torch.float64), torch.cumsum(0.5 * torch.log((2 * k + 1) / (2 * k)), 0)]
+    )
+    log_seed = log_seed - 0.5 * math.log(4 * math.pi)
+    return a, b, log_seed
+
+
+def real_sph_harm(lat_deg, lon_deg, max_degree: int) -> torch.Tensor:
+    """Real orthonormal spherical harmonics at the given points.
+
+    Args:
+        lat_deg, lon_deg: latitudes in [-90, 90] and longitudes (any value; periodic) in degrees, same
+            shape ``[...]``, float32 or float64 (the output has the same dtype). Differentiable.
+        max_degree: L >= 0.
+
+    Returns:
+        Tensor ``[..., (L+1)**2]``, the function with degree l and order m at index l*l + l + m. For 1-D
+        input the result is a transposed view of a ``[(L+1)**2, N]`` buffer (not contiguous); call
+        ``.contiguous()`` if a kernel needs it.
+    """
+    lat, lon = check_latlon(lat_deg, lon_deg)
+    L = check_degree(max_degree)
+    dtype = lat.dtype
+    batch_shape = lat.shape
+    lat, lon = lat.reshape(-1), lon.reshape(-1)
+    n = lat.numel()
+    D = (L + 1) ** 2
+    a_tab, b_tab, log_seed = _recurrence_coefficients(L)
+    a_tab, b_tab = a_tab.to(dtype), b_tab.to(dtype)
+
+    lat64 = torch.deg2rad(lat.to(torch.float64))
+    lon64 = torch.deg2rad(lon.to(torch.float64))
+    x = torch.sin(lat64).to(dtype)  # cos(theta)                                      [N]
+    s64 = torch.cos(lat64).clamp_min(1e-300)  # sin(theta) >= 0                       [N]
+    m64 = torch.arange(L + 1, dtype=torch.float64)
+
+    # Sectoral seeds Pbar_m^m = exp(log_seed[m] + m log sin(theta)) as mantissa * 2**exponent.
+    log_pmm = log_seed[:, None] + m64[:, None] * torch.log(s64)[None, :]  # [L+1, N]
+    expo = torch.floor(log_pmm.detach() / _LN2)  # integer-valued, no gradient        [L+1, N]
+    seed = torch.exp(log_pmm - expo * _LN2).to(dtype)  # mantissa in [1, 2)            [L+1, N]
+    expo = expo.to(dtype)
+
+    # Longitude factors, in float64 so m*phi stays accurate at high order; sqrt(2) folded in for m > 0.
+    mphi = m64[:, None] * lon64[None, :]  # [L+1, N]
+    w = torch.full((L + 1, 1), math.sqrt(2.0), dtype=torch.float64)
+    w[0] = 1.0
+    cos_m = (w * torch.cos(mphi)).to(dtype)  # [L+1, N]
+    sin_m = (w * torch.sin(mphi)).to(dtype)  # [L+1, N] (row 0 unused)
+
+    def scaled_factors(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = torch.exp2(e)
+        return cos_m * scale, (sin_m * scale).flip(0)  # sine rows reversed: m = L..0
+
+    cs, ss_rev = scaled_factors(expo)
+    out = torch.empty((D, n), dtype=dtype, device=lat.device)
+    ab_tab = a_tab * b_tab
+    grad = torch.is_grad_enabled() and (lat.requires_grad or lon.requires_grad)
+    thresh = 2.0 ** _RENORM_BITS[dtype]
+    one = torch.ones((), dtype=dtype, device=lat.device)
+    # Without autograd the three degree buffers are reused in place; with it every step allocates.
+    bufs = None if grad else torch.empty((3, L + 1, n), dtype=dtype, device=lat.device)
+    p1 = seed[:1]  # Pbar_{l-1}^m for m = 0..l-1 (mantissas)                           [l, N]
+    p2 = seed[:0]  # Pbar_{l-2}^m for m = 0..l-2                                      [l-1, N]
+    out[0:1] = p1 * cs[:1]
+    for l in range(1, L + 1):
+        a = a_tab[l, :l, None]  # [l, 1]
+        ab = ab_tab[l, : l - 1, None]  # [l-1, 1]
+        if grad:
+            rec = a * x * p1  # [l, N]
+            rec = torch.cat([rec[: l - 1] - ab * p2, rec[l - 1 :], seed[l : l + 1]])
+            cur = rec  # Pbar_l^m, m = 0..l                                            [l+1, N]
+        else:
+            cur = bufs[l % 3, : l + 1]
+            torch.mul(p1, x, out=cur[:l])
+            cur[:l].mul_(a)
+            cur[: l - 1].addcmul_(p2, ab, value=-1.0)
+            cur[l] = seed[l]
+        if l % _RENORM_EVERY == 0:
+            big = cur.detach().abs() > thresh  # [l+1, N]
+            if bool(big.any()):
+                shrink = torch.where(big, one * 2.0 ** -_RENORM_BITS[dtype], one)
+                cur = cur * shrink
+                p1 = p1 * shrink[:l]
+                expo = torch.cat([expo[: l + 1] + big.to(dtype) * _RENORM_BITS[dtype], expo[l + 1 :]])
+                cs, ss_rev = scaled_factors(expo)
+        base = l * l + l
+        if grad:
+            out[base : base + l + 1] = cur * cs[: l + 1]  # m = 0..l
+            out[l * l : base] = cur[1:].flip(0) * ss_rev[L - l : L]  # m = -l..-1
+        else:
+            torch.mul(cur, cs[: l + 1], out=out[base : base + l + 1])
+            torch.mul(cur[1:].flip(0), ss_rev[L - l : L], out=out[l * l : base])
+        p2, p1 = p1, cur
+    if len(batch_shape) == 1:
+        return out.T
+    return out.T.reshape(*batch_shape, D)
