@@ -424,7 +424,8 @@ TERMINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 def deploy(stack: Stack, names: list[str] | None = None, timeout: float = 300.0) -> None:
     """`prefect --no-prompt deploy` of prefect.yaml's deployments (all, or the named ones) to the stack."""
-    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy"]
+    stack.ensure_pool()
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--pool", stack.pool]
     if names:
         for n in names:
             cmd += ["--name", n]
@@ -436,7 +437,7 @@ def deploy(stack: Stack, names: list[str] | None = None, timeout: float = 300.0)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
         raise UserError(
-            "deploying prefect.yaml failed: " + (tail[-1] if tail else f"exit status {proc.returncode}"),
+            "deploying prefect.yaml failed: " + (" ".join(tail[-3:]) if tail else f"exit {proc.returncode}"),
             "run `prefect deploy --all` in the project folder to see the full output",
         )
 

@@ -16,8 +16,9 @@ def run_encoder(store, run_key: str) -> str:
     emb_key = store.manifest(run_key).get("embeddings")
     if not emb_key:
         raise ValueError(f"{run_key}: the run's manifest does not name its embeddings")
-    man = store.manifest(emb_key)
-    enc = man.get("encoder") or man.get("config", {}).get("encoder")
+    from locdiff.tasks.predict import encoder_spec
+
+    enc = encoder_spec(store.manifest(emb_key))
     if not enc:
         raise ValueError(f"{emb_key}: the embeddings manifest does not name its encoder")
     return enc

@@ -63,7 +63,9 @@ def embed_dataset(storage: str | None, dataset_key: str, encoder: str, options: 
 
     store = open_store(storage)
     bar = Progress("embed", f"embedding {dataset_key.split('/')[1]} with {encoder}")
-    key = _embed(store, dataset_key, encoder, progress=bar, **dict(options or {}))
+    from locdiff.tasks.predict import encoder_kwargs
+
+    key = _embed(store, dataset_key, progress=bar, **encoder_kwargs(encoder), **dict(options or {}))
     bar.done()
     return key
 

@@ -18,6 +18,28 @@ def split_encoder(spec: str) -> tuple[str, str | None]:
     return name, (pretrained or None)
 
 
+def encoder_spec(manifest: dict) -> str | None:
+    """Encoder spec ('NAME', 'NAME/PRETRAINED' or 'NAME@CHECKPOINT') of an embeddings manifest."""
+    enc = manifest.get("encoder") or (manifest.get("config") or {}).get("encoder")
+    if isinstance(enc, str) or enc is None:
+        return enc
+    name, weights = enc.get("name"), str(enc.get("weights") or "")
+    if weights.startswith("open_clip:"):
+        return f"{name}/{weights.split(':', 1)[1]}"
+    if weights.startswith("file:"):
+        return f"{name}@{weights.split(':', 1)[1]}"
+    return name
+
+
+def encoder_kwargs(spec: str) -> dict:
+    """'ViT-L-14/openai' -> encoder_name + pretrained; 'NAME@PATH' -> encoder_name + checkpoint."""
+    if "@" in spec:
+        name, ckpt = spec.split("@", 1)
+        return {"encoder_name": name, "checkpoint": ckpt}
+    name, pretrained = split_encoder(spec)
+    return {"encoder_name": name, "pretrained": pretrained}
+
+
 def _checkpoint_and_encoder(checkpoint: str | None, storage: str | None) -> tuple[dict, str | None]:
     import torch
 
@@ -41,10 +63,7 @@ def _checkpoint_and_encoder(checkpoint: str | None, storage: str | None) -> tupl
     encoder = None
     emb_key = man.get("embeddings")
     if emb_key and store.exists(emb_key):
-        em = store.manifest(emb_key)
-        encoder = em.get("encoder") or (em.get("config") or {}).get("encoder")
-        if isinstance(encoder, dict):
-            encoder = encoder.get("name")
+        encoder = encoder_spec(store.manifest(emb_key))
     return state, encoder
 
 
@@ -69,8 +88,8 @@ def predict_images(
         raise UserError(
             "the encoder of this checkpoint is unknown", "pass --encoder NAME (e.g. efficientnet-lite0)"
         )
-    name, pretrained = split_encoder(enc_spec)
-    enc = load_encoder(name, pretrained=pretrained)
+    kw = encoder_kwargs(enc_spec)
+    enc = load_encoder(kw["encoder_name"], pretrained=kw.get("pretrained"), checkpoint=kw.get("checkpoint"))
     predictor = Predictor.from_checkpoint(state, device="cpu")
     if enc.dim != predictor.embed_dim:
         raise UserError(
