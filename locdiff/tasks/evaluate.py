@@ -22,6 +22,23 @@ _BASELINE_KINDS = {
 BASELINES = ("most-common-region",)  # the default: free to compute
 
 
+def _predictions_schema():
+    import pyarrow as pa
+
+    modes = pa.list_(pa.float64())
+    return pa.schema(
+        [("method", pa.string()), ("image_id", pa.string())]
+        + [
+            (c, pa.float64())
+            for c in ("true_lat", "true_lon", "pred_lat", "pred_lon", "distance_km", "score")
+        ]
+        + [("modes_lat", modes), ("modes_lon", modes), ("modes_mass", modes)]
+    )
+
+
+PREDICTIONS_SCHEMA = _predictions_schema()
+
+
 def _baseline_predictions(kind: str, store, train_emb_key: str, emb: np.ndarray) -> dict[str, np.ndarray]:
     """Train (cheaply) one of locdiff_core.baselines on the run's training split and predict `emb`."""
     import torch
@@ -73,10 +90,10 @@ def evaluate_run(
     """Evaluate a committed run on one split of an embeddings artifact; returns the eval key."""
     import pyarrow as pa
     import torch
-    from locdiff_core.metrics import geolocation_metrics
 
     from locdiff.tasks.data_io import load_table
     from locdiff.tasks.train import load_checkpoint
+    from locdiff_core.metrics import geolocation_metrics
     from locdiff_core.sphere import haversine_km
 
     unknown = sorted(set(baselines) - set(_BASELINE_KINDS))
@@ -130,7 +147,7 @@ def evaluate_run(
             cols["modes_lat"] = [[] for _ in ids]
             cols["modes_lon"] = [[] for _ in ids]
             cols["modes_mass"] = [[] for _ in ids]
-        pred_tables.append(pa.table(cols))
+        pred_tables.append(pa.table(cols, schema=PREDICTIONS_SCHEMA))
 
     with store.writer(key, config=cfg, upstream=[run_key, embeddings_key]) as w:
         w.write_table("predictions.parquet", pa.concat_tables(pred_tables))

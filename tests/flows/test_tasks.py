@@ -64,7 +64,7 @@ def test_evaluate_and_report(store_uri, embeddings_key, run_key):
     assert set(metrics) == {"locdiff", "most-common-region"}
     assert metrics["locdiff"]["n"] == metrics["most-common-region"]["n"] == 64
     con = connect(store)
-    rows = con.execute("SELECT method, n, acc_2500km FROM metrics ORDER BY method").fetchall()
+    rows = con.execute("SELECT method, n FROM metrics WHERE key = ? ORDER BY method", [eval_key]).fetchall()
     assert [r[0] for r in rows] == ["locdiff", "most-common-region"]
     n_pred = con.execute("SELECT count(*) FROM predictions WHERE key = ?", [eval_key]).fetchone()[0]
     assert n_pred == 2 * 64
