@@ -72,9 +72,9 @@ def embed_dataset(storage: str | None, dataset_key: str, encoder: str, options: 
 
 def cache_targets(storage: str | None, embeddings_key: str, max_degree: int) -> str:
     """SHDD targets of degree L for an embeddings artifact; returns the key."""
-    from locdiff.targets import cache_targets as _targets
+    from locdiff.targets import build_targets
 
-    return _targets(open_store(storage), embeddings_key, max_degree)
+    return build_targets(open_store(storage), embeddings_key, max_degree)
 
 
 def build_anchors(
@@ -83,7 +83,7 @@ def build_anchors(
     """An anchor-set artifact (uniform / from a dataset's coordinates / land); returns the key."""
     from locdiff.anchorsets import build_anchor_set
 
-    return build_anchor_set(open_store(storage), kind, n, source_key=source_key)
+    return build_anchor_set(open_store(storage), kind, n, dataset_key=source_key)
 
 
 prepare_task = task(
