@@ -106,8 +106,10 @@ def lr_at(step: int, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-        pe.lerp_(pm.detach().to(pe.dtype), 1.0 - decay)
+    ema_params, model_params = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    if len(ema_params) != len(model_params):
+        raise ValueError("EMA and model have different parameter lists")
+    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)  # one multi-tensor kernel
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -155,7 +157,7 @@ def sample_anchors(
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
     """Fresh SHDD-KL anchors for one step: jittered uniform + data distribution + caps around targets."""
-    from .anchors import from_coordinates, near_target_anchors, uniform_anchors
+    from .anchors import near_target_anchors, uniform_anchors
 
     lc = config.loss
     lats, lons = [], []
@@ -163,8 +165,10 @@ def sample_anchors(
         la, lo = uniform_anchors(lc.n_uniform_anchors, jitter=True, generator=generator)
         lats.append(la.reshape(-1)), lons.append(lo.reshape(-1))
     if lc.n_data_anchors:
-        la, lo = from_coordinates(data_lat, data_lon, lc.n_data_anchors, generator=generator)
-        lats.append(la.reshape(-1)), lons.append(lo.reshape(-1))
+        # the data distribution: training coordinates drawn uniformly with replacement (O(n) per step;
+        # a without-replacement draw would cost a permutation of the whole training set every step)
+        idx = torch.randint(0, data_lat.shape[0], (lc.n_data_anchors,), generator=generator)
+        lats.append(data_lat[idx]), lons.append(data_lon[idx])
     if lc.n_near_anchors:
         la, lo = near_target_anchors(target_lat, target_lon, lc.near_radius_km, lc.n_near_anchors, generator)
         lats.append(la.reshape(-1)), lons.append(lo.reshape(-1))

@@ -4,8 +4,6 @@ import torch
 from locdiff_core.config import ModelConfig
 from locdiff_core.denoiser import CSUNet
 
-torch.set_num_threads(2)
-
 
 @pytest.mark.parametrize("L, E, widths", [(1, 7, (16,)), (8, 768, (64, 32)), (16, 1280, (64, 32, 16))])
 def test_shapes_across_degree_and_embedding_width(L, E, widths):

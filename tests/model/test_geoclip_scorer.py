@@ -12,8 +12,6 @@ from locdiff.geoclip_scorer import GeoCLIPScorer, load_geoclip_gallery  # noqa: 
 from locdiff_core.hybrid import hybrid_predict  # noqa: E402
 from locdiff_core.sphere import haversine_km  # noqa: E402
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture(scope="module")
 def scorer():

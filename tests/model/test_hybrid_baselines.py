@@ -8,8 +8,6 @@ from locdiff_core.sphere import fibonacci_lattice, haversine_km, latlon_to_xyz
 
 from ._data import location_embeddings
 
-torch.set_num_threads(2)
-
 
 def test_candidates_within_matches_haversine():
     g_lat, g_lon = fibonacci_lattice(2000)

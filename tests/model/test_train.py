@@ -10,8 +10,6 @@ from locdiff_core.train import GeoEmbeddings, check_compatible, ema_decay_at, lr
 
 from ._data import location_embeddings
 
-torch.set_num_threads(2)
-
 
 def tiny(**train_overrides):
     return get_preset("tiny", train={"max_steps": 12, "warmup_steps": 3, **train_overrides})
