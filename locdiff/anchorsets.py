@@ -131,4 +131,4 @@ def build_anchor_set(
 def load_anchor_set(store: Store, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(lat_deg, lon_deg) float64 tensors of a committed anchor set."""
     t = store.read_table(key, FILE)
-    return torch.from_numpy(t["lat"].to_numpy()), torch.from_numpy(t["lon"].to_numpy())
+    return torch.tensor(t["lat"].to_numpy()), torch.tensor(t["lon"].to_numpy())

@@ -56,9 +56,9 @@ DEFAULT_SPLITS: dict[str, float] = {
     "test_uniform": 0.085,
 }
 # Why these: the 100 km buffer around random gallery points removes most of the city-clustered gallery
-# (1,650 held-out points leave ~14 k of 100 k usable for train), so test/val stay small and train large.
+# (1,320 held-out points leave ~17 k of 100 k gallery points usable), so test/val stay small, train large.
 KNOWN_SPLITS = ("train", "val", "test", "test_random", "test_uniform")
-DEFAULT_N = 15_000  # ≈ 2 min of EfficientNet-Lite0 at 128 px on 2 cores (docs/data.md)
+DEFAULT_N = 12_000  # the prototype's size (DESIGN §6a); embedding time on 2 cores: docs/data.md
 
 
 # --------------------------------------------------------------------------------------------- material
