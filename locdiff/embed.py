@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import re
 import time
 from collections.abc import Callable
@@ -112,6 +113,9 @@ class _ShardBatches(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None and not self.store.is_local:
+            # an async S3 client copied by fork is not safe to use: open a fresh one in each worker
+            self.store = pickle.loads(pickle.dumps(self.store))
         for j, sh in enumerate(self.plan):
             if j % nw == wid:
                 yield from self._shard(j, sh)

@@ -163,3 +163,13 @@ def test_sigkill_mid_way_then_resume_equals_uninterrupted(tmp_path, encoder):
     assert a[0] == b[0]
     torch.testing.assert_close(a[1], b[1], atol=0, rtol=0)
     torch.testing.assert_close(a[2], b[2], atol=0, rtol=0)
+
+
+@pytest.mark.e2e
+def test_embed_on_s3_with_a_loader_worker(s3_store, encoder):
+    dkey = build_bluemarble(s3_store, **{**TINY, "n": 12, "shard_size": 6})
+    key = embed_dataset(s3_store, dkey, batch_size=4, num_workers=1, encoder=encoder)
+    ids, emb, lat, _ = load_embeddings(s3_store, key, split="train")
+    want = ds.read_manifest(s3_store, dkey).to_pandas().query("split == 'train'")
+    assert ids == list(want["image_id"]) and emb.shape == (len(ids), 1280)
+    np.testing.assert_allclose(lat.numpy(), want["lat"].to_numpy())
