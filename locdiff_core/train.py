@@ -307,6 +307,11 @@ def train(
             "model": _cpu_state_dict(model),
             "ema": _cpu_state_dict(ema),
             "optimizer": copy.deepcopy(optimizer.state_dict()),
+            # the LR is a pure function of the step (lr_at); recorded for readers, nothing to restore
+            "scheduler": {
+                "kind": "warmup+cosine",
+                "lr": lr_at(step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio),
+            },
             "rng": _rng_state(gen),
             "curves": copy.deepcopy(curves),
         }

@@ -96,6 +96,7 @@ def trained():
     return cfg, res, val, events
 
 
+@pytest.mark.slow  # shares a ~5 s (unloaded 2-core) training fixture
 def test_tiny_preset_learns_a_conditional_distribution(trained):
     cfg, res, val, events = trained
     pred = Predictor.from_checkpoint(res.checkpoint)
@@ -114,6 +115,7 @@ def test_tiny_preset_learns_a_conditional_distribution(trained):
     assert {e["event"] for e in events} == {"train", "val"}
 
 
+@pytest.mark.slow  # shares a ~5 s (unloaded 2-core) training fixture
 def test_predictor_outputs_and_determinism(trained):
     cfg, res, val, _ = trained
     pred = Predictor.from_checkpoint(res.checkpoint)
@@ -130,6 +132,7 @@ def test_predictor_outputs_and_determinism(trained):
     assert not torch.equal(d.score, a.score)
 
 
+@pytest.mark.slow  # shares a ~5 s (unloaded 2-core) training fixture
 def test_predictor_rejects_bad_inputs(trained):
     _, res, _, _ = trained
     pred = Predictor.from_checkpoint(res.checkpoint)
