@@ -40,6 +40,7 @@ _LN2 = math.log(2.0)
 # Growth per degree step is at most a_lm <= sqrt(2l+1) (~45 at L = 1000), so 4 steps add < 2**23.
 _RENORM_EVERY = 4
 _RENORM_BITS = {torch.float32: 40, torch.float64: 300}
+_FLOAT32_MAX_DEGREE = 128
 
 
 def num_coefficients(max_degree: int) -> int:
@@ -87,7 +88,9 @@ def real_sph_harm(lat_deg, lon_deg, max_degree: int) -> torch.Tensor:
     """
     lat, lon = check_latlon(lat_deg, lon_deg)
     L = check_degree(max_degree)
-    dtype = lat.dtype
+    out_dtype = lat.dtype
+    # float32 recurrences lose ~L*eps per degree; above L = 128 work in float64 and cast at the end.
+    dtype = torch.float64 if L > _FLOAT32_MAX_DEGREE else out_dtype
     batch_shape = lat.shape
     lat, lon = lat.reshape(-1), lon.reshape(-1)
     n = lat.numel()
@@ -158,6 +161,7 @@ def real_sph_harm(lat_deg, lon_deg, max_degree: int) -> torch.Tensor:
             torch.mul(cur, cs[: l + 1], out=out[base : base + l + 1])
             torch.mul(cur[1:].flip(0), ss_rev[L - l : L], out=out[l * l : base])
         p2, p1 = p1, cur
+    out = out.to(out_dtype)
     if len(batch_shape) == 1:
         return out.T
     return out.T.reshape(*batch_shape, D)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from locdiff_core._checks import as_float_tensor
 from locdiff_core.sphere import haversine_km
 
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
@@ -20,7 +21,15 @@ GEOSCORE_SCALE_KM = 1492.7
 
 def geolocation_metrics(true_lat, true_lon, pred_lat, pred_lon) -> dict[str, float]:
     """Accuracy at each threshold, median/mean error and GeoScore for paired predictions ``[N]``."""
-    d = haversine_km(true_lat, true_lon, pred_lat, pred_lon).to(torch.float64).reshape(-1)
+    args = [
+        as_float_tensor(x, name).to(torch.float64)
+        for x, name in zip(
+            (true_lat, true_lon, pred_lat, pred_lon),
+            ("true_lat", "true_lon", "pred_lat", "pred_lon"),
+            strict=True,
+        )
+    ]
+    d = haversine_km(*args).reshape(-1)  # in float64 whatever the inputs' precision
     if d.numel() == 0:
         raise ValueError("geolocation_metrics needs at least one prediction, got none")
     out: dict[str, float] = {f"acc_{r}km": float((d <= r).to(torch.float64).mean()) for r in THRESHOLDS_KM}

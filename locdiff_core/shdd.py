@@ -115,7 +115,7 @@ class SHDD:
             return torch.exp(-l * (l + 1) * a * a / 2)
         c = math.cos(a)
         one_minus_c = 2 * math.sin(a / 2) ** 2
-        p = legendre_table(L + 1, torch.tensor(c))  # [L+2]
+        p = legendre_table(L + 1, torch.tensor(c, dtype=torch.float64))  # [L+2]
         w = torch.empty(L + 1, dtype=torch.float64)
         w[0] = 1.0
         w[1:] = (p[:-2] - p[2:]) / ((2 * l[1:] + 1) * one_minus_c)
@@ -162,7 +162,7 @@ class SHDD:
 
     # ----------------------------------------------------------------------------------- decode
     def default_anchor_count(self) -> int:
-        """Anchors for the coarse search: spacing about 0.8 of the kernel's half-width (refinement does the rest)."""
+        """Coarse-search anchors: spacing ~0.8 of the kernel's half-width (refinement does the rest)."""
         return max(10_000, 4 * self.dim)
 
     def default_grid(self, n: int | None = None, dtype: torch.dtype = torch.float32) -> AnchorGrid:
@@ -189,7 +189,7 @@ class SHDD:
         anchors: AnchorGrid | None = None,
         top_k: int = 5,
         min_separation_km: float | None = None,
-        refine_iters: int = 6,
+        refine_iters: int = 4,
         batch_size: int | None = None,
     ) -> Decoded:
         """Modal search: the locations where the (filtered) sphere function of each code peaks.
@@ -219,15 +219,21 @@ class SHDD:
         cos_sep = math.cos(min(check_positive(sep, "min_separation_km") / EARTH_RADIUS_KM, math.pi))
         B = coeffs.shape[0]
         if batch_size is None:
-            batch_size = max(1, min(B, (1 << 24) // len(grid)))
-        parts = []
-        for start in range(0, B, batch_size):
-            cf = coeffs[start : start + batch_size].to(grid.dtype) * w
-            parts.append(self._decode_batch(cf, grid, top_k, cos_sep, refine_iters, peak))
-        fields = zip(*parts, strict=True)
-        return Decoded(*(torch.cat(f) for f in fields))
+            batch_size = max(1, min(B, (1 << 22) // len(grid)))
+        cf = coeffs.to(grid.dtype) * w
+        parts = [
+            self._coarse_modes(cf[start : start + batch_size], grid, top_k, cos_sep, peak)
+            for start in range(0, B, batch_size)
+        ]
+        modes_lat, modes_lon, modes_score, modes_mass = (torch.cat(f) for f in zip(*parts, strict=True))
+        # refine the best mode of every code at once (large batches keep the harmonics efficient)
+        lat, lon, score = self._refine(
+            cf, modes_lat[:, 0], modes_lon[:, 0], grid.spacing_km, refine_iters, peak
+        )
+        modes_lat[:, 0], modes_lon[:, 0], modes_score[:, 0] = lat, lon, score
+        return Decoded(lat, lon, score, modes_lat, modes_lon, modes_score, modes_mass)
 
-    def _decode_batch(self, cf, grid: AnchorGrid, k: int, cos_sep: float, iters: int, peak: float):
+    def _coarse_modes(self, cf, grid: AnchorGrid, k: int, cos_sep: float, peak: float):
         dens = grid.evaluate(cf)  # [b, A]
         b = cf.shape[0]
         m = min(len(grid), max(8 * k, 64))
@@ -256,22 +262,12 @@ class SHDD:
         # probability mass: positive part of the density, shared among modes by nearest basin
         pos_dens = dens.clamp_min(0)  # [b, A]
         total = pos_dens.sum(1).clamp_min(torch.finfo(dens.dtype).tiny)
-        mode_xyz = grid.xyz[mode_idx].to(dens.dtype)  # [b, k, 3]
-        anchor_xyz = grid.xyz.to(dens.dtype)  # [A, 3]
-        best_cos = torch.full_like(dens, -2.0)  # [b, A]
-        owner = torch.zeros(dens.shape, dtype=torch.long)
-        for j in range(k):
-            cos_j = torch.where(ok[:, j : j + 1], mode_xyz[:, j] @ anchor_xyz.T, -2.0)  # [b, A]
-            nearer = cos_j > best_cos
-            best_cos = torch.where(nearer, cos_j, best_cos)
-            owner = torch.where(nearer, j, owner)
+        mode_xyz = torch.where(ok[:, :, None], grid.xyz[mode_idx], 0.0).to(dens.dtype)  # [b, k, 3]
+        # missing modes sit at the origin: cos = 0 < cos_sep, so they own nothing
+        best_cos, owner = (mode_xyz @ grid.xyz.to(dens.dtype).T).max(dim=1)  # [b, k, A] -> [b, A]
         inside = best_cos >= cos_sep
         mass = torch.zeros((b, k), dtype=dens.dtype).scatter_add_(1, owner, pos_dens * inside)
-        modes_mass = mass / total[:, None]
-
-        lat, lon, score = self._refine(cf, modes_lat[:, 0], modes_lon[:, 0], grid.spacing_km, iters, peak)
-        modes_lat[:, 0], modes_lon[:, 0], modes_score[:, 0] = lat, lon, score
-        return lat, lon, score, modes_lat, modes_lon, modes_score, modes_mass
+        return modes_lat, modes_lon, modes_score, mass / total[:, None]
 
     def _refine(self, cf, lat, lon, step_km: float, iters: int, peak: float):
         """Successive parabolic fits along north and east with a step shrinking 4x per iteration."""
@@ -282,9 +278,16 @@ class SHDD:
             [[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1]], dtype=torch.float64
         )  # (north, east)
 
-        def values(la, lo):  # [b, P] points -> f values [b, P]
-            y = real_sph_harm(la.to(cf.dtype), lo.to(cf.dtype), self.max_degree)  # [b, P, D]
-            return torch.einsum("bpd,bd->bp", y, cf)
+        chunk = max(1, (1 << 16) // 5)  # codes per harmonics call: ~64k points
+
+        def values(la, lo):  # [B, P] points -> f values [B, P]
+            out = []
+            for i in range(0, la.shape[0], chunk):
+                y = real_sph_harm(
+                    la[i : i + chunk].to(cf.dtype), lo[i : i + chunk].to(cf.dtype), self.max_degree
+                )
+                out.append(torch.einsum("bpd,bd->bp", y, cf[i : i + chunk]))  # [b, P, D] . [b, D] -> [b, P]
+            return torch.cat(out)
 
         for _ in range(iters):
             n_km = offsets[:, 0] * h  # [5]

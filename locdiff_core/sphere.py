@@ -100,16 +100,18 @@ def offset_km(lat_deg, lon_deg, north_km, east_km) -> tuple[torch.Tensor, torch.
     Shapes broadcast. The displacement length is the great-circle distance travelled (the exponential
     map of the sphere), so it is exact for any distance.
     """
-    p = latlon_to_xyz(lat_deg, lon_deg)
-    north_km = torch.as_tensor(north_km, dtype=p.dtype)
-    east_km = torch.as_tensor(east_km, dtype=p.dtype)
+    lat, lon = check_latlon(lat_deg, lon_deg)
+    p = latlon_to_xyz(lat.to(torch.float64), lon.to(torch.float64))  # float64 inside, input dtype out
+    north_km = torch.as_tensor(north_km, dtype=torch.float64)
+    east_km = torch.as_tensor(east_km, dtype=torch.float64)
     east, north = tangent_frame(p)
     v = north_km[..., None] * north + east_km[..., None] * east  # [..., 3] km
     dist = v.norm(dim=-1, keepdim=True)
     ang = dist / EARTH_RADIUS_KM
     direction = v / dist.clamp_min(1e-300)
     q = torch.cos(ang) * p + torch.sin(ang) * direction
-    return xyz_to_latlon(q)
+    out_lat, out_lon = xyz_to_latlon(q)
+    return out_lat.to(lat.dtype), out_lon.to(lat.dtype)
 
 
 def sample_cap(

@@ -1,0 +1,130 @@
+"""Real spherical harmonics against an independent oracle (scipy), quadrature orthonormality, range."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import sph_harm_y
+
+from locdiff_core.harmonics import degree_index, num_coefficients, real_sph_harm
+
+
+def scipy_real_sh(lat_deg: np.ndarray, lon_deg: np.ndarray, L: int) -> np.ndarray:
+    """Real basis from scipy's complex one: undo the Condon-Shortley phase, take Re/Im with sqrt(2)."""
+    theta = np.deg2rad(90.0 - lat_deg)
+    phi = np.deg2rad(lon_deg)
+    out = np.zeros((lat_deg.size, (L + 1) ** 2))
+    for l in range(L + 1):
+        m = np.arange(0, l + 1)
+        y = sph_harm_y(l, m[:, None], theta[None, :], phi[None, :])  # [l+1, N]
+        phase = ((-1.0) ** m)[:, None]
+        out[:, l * l + l] = y[0].real
+        out[:, l * l + l + m[1:]] = (math.sqrt(2) * phase[1:] * y[1:].real).T
+        out[:, l * l + l - m[1:]] = (math.sqrt(2) * phase[1:] * y[1:].imag).T
+    return out
+
+
+def oracle_points(n: int = 60):
+    rng = np.random.default_rng(1)
+    lat = np.concatenate([rng.uniform(-90, 90, n), [90.0, -90.0, 0.0, 89.9999, -89.99, 45.0, -45.0]])
+    lon = np.concatenate([rng.uniform(-180, 180, n), [0.0, 180.0, 180.0, -180.0, 179.9999, -180.0, 180.0]])
+    return lat, lon
+
+
+@pytest.mark.parametrize("L", [0, 1, 7, 32, 100, 200])
+def test_matches_scipy_float64(L):
+    lat, lon = oracle_points()
+    ours = real_sph_harm(torch.tensor(lat), torch.tensor(lon), L).numpy()
+    ref = scipy_real_sh(lat, lon, L)
+    assert ours.shape == (lat.size, (L + 1) ** 2)
+    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert rel <= 1e-10, rel
+
+
+def test_float32_close_to_float64():
+    lat, lon = oracle_points()
+    lat32, lon32 = torch.tensor(lat, dtype=torch.float32), torch.tensor(lon, dtype=torch.float32)
+    y32 = real_sph_harm(lat32, lon32, 64)
+    y64 = real_sph_harm(lat32.double(), lon32.double(), 64)
+    assert y32.dtype == torch.float32
+    # float32 error grows like L^2 * eps near the poles (cos(theta) is ill-conditioned there)
+    assert (y32.double() - y64).abs().max() < 64**2 * 1e-6
+
+
+def test_orthonormal_by_quadrature_L100():
+    L = 100
+    # Gauss-Legendre in cos(theta) x equispaced longitudes integrates degree <= 2L exactly
+    x, w = np.polynomial.legendre.leggauss(L + 2)
+    nphi = 2 * L + 3
+    lat = np.rad2deg(np.arcsin(x))
+    lon = np.linspace(-180, 180, nphi, endpoint=False)
+    LAT, LON = np.meshgrid(lat, lon, indexing="ij")
+    W = np.repeat(w, nphi) * (2 * np.pi / nphi)
+    y = real_sph_harm(torch.tensor(LAT.ravel()), torch.tensor(LON.ravel()), L)
+    # the full 10,201^2 Gram matrix costs TFLOPs; check every degree's first/last functions plus a random
+    # sample (all pairs among them)
+    D = (L + 1) ** 2
+    ends = torch.tensor([l * l for l in range(L + 1)] + [l * l + 2 * l for l in range(L + 1)])
+    cols = torch.unique(
+        torch.cat([ends, torch.randperm(D, generator=torch.Generator().manual_seed(0))[:300]])
+    )
+    ys = y[:, cols]
+    gram = (ys.T * torch.tensor(W)) @ ys
+    assert (gram - torch.eye(cols.numel(), dtype=torch.float64)).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_and_addition_theorem_at_L1000(dtype):
+    L = 1000
+    lat = torch.tensor([90.0, -90.0, 89.99, 74.3, 56.4, 0.0, -41.4, -82.6], dtype=dtype)
+    lon = torch.tensor([0.0, 180.0, -180.0, 10.0, 123.4, 179.999, -73.0, 5.0], dtype=dtype)
+    y = real_sph_harm(lat, lon, L)
+    assert torch.isfinite(y).all()
+    # addition theorem: sum_i Y_i(w)^2 = (L+1)^2 / (4 pi) at every point (underflow would lose mass)
+    total = (y.double() ** 2).sum(-1) / ((L + 1) ** 2 / (4 * math.pi))
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    assert (total - 1).abs().max() < tol
+
+
+def test_gradients_match_finite_differences():
+    lat = torch.tensor([12.0, -60.0, 80.0], dtype=torch.float64, requires_grad=True)
+    lon = torch.tensor([30.0, 170.0, -100.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: real_sph_harm(a, b, 6), (lat, lon))
+    # the autograd path and the in-place fast path give the same values
+    torch.testing.assert_close(
+        real_sph_harm(lat, lon, 12).detach(),
+        real_sph_harm(lat.detach(), lon.detach(), 12),
+        rtol=1e-12,
+        atol=1e-13,
+    )
+
+
+def test_shapes_and_index_helpers():
+    lat = torch.zeros(2, 3)
+    assert real_sph_harm(lat, lat, 4).shape == (2, 3, 25)
+    assert num_coefficients(4) == 25
+    deg = degree_index(2)
+    assert deg.tolist() == [0, 1, 1, 1, 2, 2, 2, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "lat,lon,L,match",
+    [
+        (91.0, 0.0, 4, "lat_deg must lie in \\[-90, 90\\]"),
+        (float("nan"), 0.0, 4, "lat_deg contains NaN"),
+        (0.0, float("inf"), 4, "lon_deg contains NaN or infinite"),
+        (0.0, 0.0, -1, "max_degree must be an int >= 0"),
+        (0.0, 0.0, 2.5, "max_degree must be an int"),
+    ],
+)
+def test_bad_input_names_argument_and_range(lat, lon, L, match):
+    with pytest.raises(ValueError, match=match):
+        real_sph_harm(torch.tensor([lat]), torch.tensor([lon]), L)
+
+
+def test_bad_shapes_and_dtypes():
+    with pytest.raises(ValueError, match="same shape"):
+        real_sph_harm(torch.zeros(3), torch.zeros(4), 2)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        real_sph_harm(torch.zeros(3, dtype=torch.float16), torch.zeros(3, dtype=torch.float16), 2)

@@ -1,0 +1,120 @@
+"""SHDD codes: norms, filters, SHDD-KL and the modal-search decoder."""
+
+import math
+
+import pytest
+import torch
+
+from locdiff_core.anchors import AnchorGrid, from_coordinates, near_target_anchors, uniform_anchors
+from locdiff_core.shdd import SHDD
+from locdiff_core.sphere import haversine_km, sample_uniform
+
+
+def test_clean_code_norm_and_peak():
+    s = SHDD(20)
+    lat, lon = sample_uniform(50, generator=torch.Generator().manual_seed(0))
+    c = s.encode(lat, lon)
+    assert torch.allclose(c.norm(dim=-1), torch.full((50,), 21 / math.sqrt(4 * math.pi), dtype=torch.float64))
+    f_self = (c * c).sum(-1)
+    assert torch.allclose(f_self, torch.full((50,), s.peak, dtype=torch.float64))
+    assert s.half_width_km() == pytest.approx(14130 / 21, rel=0.05)
+
+
+def test_filters():
+    s = SHDD(30)
+    for kind in ("heat", "cap"):
+        w = s.degree_weights(kind, 300.0)
+        assert w[0] == pytest.approx(1.0) and (w[1:].abs() <= 1 + 1e-12).all() and w[-1] < w[1]
+        assert torch.equal(s.degree_weights(kind, 0.0), torch.ones(31, dtype=torch.float64))
+    # the cap filter is the normalised cap indicator: integrate P_l over the cap numerically
+    a = 500.0 / 6371.0088
+    t = torch.linspace(math.cos(a), 1.0, 200001, dtype=torch.float64)
+    p3 = 0.5 * (5 * t**3 - 3 * t)
+    assert s.degree_weights("cap", 500.0)[3].item() == pytest.approx(
+        torch.trapezoid(p3, t).item() / (1 - math.cos(a)), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="one of \\('none', 'heat', 'cap'\\)"):
+        s.degree_weights("gauss", 1.0)
+    with pytest.raises(ValueError, match="radius_km must be a finite number >= 0"):
+        s.degree_weights("cap", -1.0)
+
+
+def test_kl_loss_properties():
+    g = torch.Generator().manual_seed(0)
+    for L in (8, 128):
+        s = SHDD(L)
+        lat, lon = sample_uniform(4, generator=g)
+        true = s.encode(lat.float(), lon.float())
+        alat, alon = uniform_anchors(2000, jitter=True, generator=g)
+        assert s.kl_loss(true, true, alat, alon).item() == pytest.approx(0.0, abs=1e-6)
+        pred = (true + 0.05 * torch.randn(true.shape, generator=g)).requires_grad_(True)
+        loss = s.kl_loss(pred, true, alat, alon, tau=0.1)
+        assert torch.isfinite(loss) and loss.item() > 0
+        loss.backward()
+        assert pred.grad is not None and torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("L", [32, pytest.param(64, marks=pytest.mark.slow)])
+def test_clean_codes_decode_to_their_points(L):
+    s = SHDD(L)
+    lat, lon = sample_uniform(10_000, generator=torch.Generator().manual_seed(L))
+    d = s.decode(s.encode(lat.float(), lon.float()))
+    err = haversine_km(lat, lon, d.lat_deg.double(), d.lon_deg.double())
+    assert err.median() <= 1.0
+    assert err.quantile(0.99) <= 5.0
+    assert torch.allclose(d.score, torch.ones_like(d.score), atol=1e-3)
+
+
+def test_mixture_decodes_to_heavier_point_and_top2_modes():
+    s = SHDD(32)
+    paris = (48.8566, 2.3522)
+    tokyo = (35.6762, 139.6503)
+    c = 0.6 * s.encode(torch.tensor([paris[0]]), torch.tensor([paris[1]])) + 0.4 * s.encode(
+        torch.tensor([tokyo[0]]), torch.tensor([tokyo[1]])
+    )
+    d = s.decode(c.float(), top_k=3)
+    assert haversine_km(paris[0], paris[1], d.lat_deg, d.lon_deg).item() < 5
+    assert (
+        haversine_km(tokyo[0], tokyo[1], d.modes_lat_deg[0, 1], d.modes_lon_deg[0, 1]).item()
+        < s.default_grid().spacing_km
+    )
+    assert d.modes_mass[0, 0] > d.modes_mass[0, 1] > d.modes_mass[0, 2]
+    assert d.modes_score[0, 0].item() == pytest.approx(0.6, abs=0.05)
+    assert d.modes_score[0, 1].item() == pytest.approx(0.4, abs=0.05)
+
+
+def test_decoder_with_custom_uncached_grid_matches_cached():
+    s = SHDD(16)
+    lat, lon = sample_uniform(20, generator=torch.Generator().manual_seed(3))
+    codes = s.encode(lat.float(), lon.float())
+    cached = AnchorGrid.fibonacci(12_000, 16)
+    chunked = AnchorGrid.fibonacci(12_000, 16, max_cache_bytes=0, chunk_size=1000)
+    assert chunked.basis is None
+    torch.testing.assert_close(cached.evaluate(codes), chunked.evaluate(codes), rtol=1e-4, atol=1e-4)
+    a, b = s.decode(codes, anchors=cached), s.decode(codes, anchors=chunked)
+    assert haversine_km(a.lat_deg, a.lon_deg, b.lat_deg, b.lon_deg).max() < 0.1
+
+
+def test_anchor_sets():
+    g = torch.Generator().manual_seed(0)
+    lat, lon = uniform_anchors(1000, jitter=True, generator=g)
+    assert lat.shape == (1000,) and (lat.abs() <= 90).all()
+    src_lat, src_lon = torch.tensor([10.0, 20.0]), torch.tensor([30.0, 40.0])
+    la, lo = from_coordinates(src_lat, src_lon, 5, generator=g)
+    assert set(la.tolist()) <= {10.0, 20.0}
+    la, lo = near_target_anchors(src_lat, src_lon, 100.0, 7, generator=g)
+    assert la.shape == (14,)
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        uniform_anchors(0)
+
+
+def test_decode_bad_input():
+    s = SHDD(8)
+    with pytest.raises(ValueError, match="coeffs must have shape \\[B, 81\\]"):
+        s.decode(torch.zeros(2, 80))
+    with pytest.raises(ValueError, match="NaN"):
+        s.decode(torch.full((1, 81), float("nan")))
+    with pytest.raises(ValueError, match="top_k must be an int >= 1"):
+        s.decode(torch.zeros(1, 81), top_k=0)
+    with pytest.raises(ValueError, match="built for L=16"):
+        s.decode(torch.zeros(1, 81), anchors=AnchorGrid.fibonacci(100, 16))
