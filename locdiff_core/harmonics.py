@@ -41,6 +41,7 @@ _LN2 = math.log(2.0)
 _RENORM_EVERY = 4
 _RENORM_BITS = {torch.float32: 40, torch.float64: 300}
 _FLOAT32_MAX_DEGREE = 128
+_CHUNK_POINTS = 4096
 
 
 def num_coefficients(max_degree: int) -> int:
@@ -73,6 +74,54 @@ def _recurrence_coefficients(L: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return a, b, log_seed
 
 
+def _degree_loop(out, x, seed, expo, cos_m, sin_m, a_tab, b_tab, grad: bool) -> None:
+    """Run the degree recurrence for one set of points and write ``out [D, n]`` (see module docstring)."""
+    L = seed.shape[0] - 1
+    dtype = seed.dtype
+    ab_tab = a_tab * b_tab
+    bits = _RENORM_BITS[dtype]
+    thresh = 2.0**bits
+    one = torch.ones((), dtype=dtype, device=seed.device)
+
+    def scaled_factors(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = torch.exp2(e)
+        return cos_m * scale, (sin_m * scale).flip(0)  # sine rows reversed: m = L..0
+
+    cs, ss_rev = scaled_factors(expo)
+    bufs = None if grad else torch.empty((3, L + 1, x.shape[0]), dtype=dtype, device=seed.device)
+    p1 = seed[:1]  # Pbar_{l-1}^m for m = 0..l-1 (mantissas)                           [l, n]
+    p2 = seed[:0]  # Pbar_{l-2}^m for m = 0..l-2                                      [l-1, n]
+    out[0:1] = p1 * cs[:1]
+    for l in range(1, L + 1):
+        a = a_tab[l, :l, None]  # [l, 1]
+        ab = ab_tab[l, : l - 1, None]  # [l-1, 1]
+        if grad:  # out of place, so autograd can follow
+            rec = a * x * p1  # [l, n]
+            cur = torch.cat([rec[: l - 1] - ab * p2, rec[l - 1 :], seed[l : l + 1]])  # Pbar_l^m   [l+1, n]
+        else:
+            cur = bufs[l % 3, : l + 1]
+            torch.mul(p1, x, out=cur[:l])
+            cur[:l].mul_(a)
+            cur[: l - 1].addcmul_(p2, ab, value=-1.0)
+            cur[l] = seed[l]
+        if l % _RENORM_EVERY == 0:
+            big = cur.detach().abs() > thresh  # [l+1, n]
+            if bool(big.any()):
+                shrink = torch.where(big, one * 2.0**-bits, one)
+                cur = cur * shrink
+                p1 = p1 * shrink[:l]
+                expo = torch.cat([expo[: l + 1] + big.to(dtype) * bits, expo[l + 1 :]])
+                cs, ss_rev = scaled_factors(expo)
+        base = l * l + l
+        if grad:
+            out[base : base + l + 1] = cur * cs[: l + 1]  # m = 0..l
+            out[l * l : base] = cur[1:].flip(0) * ss_rev[L - l : L]  # m = -l..-1
+        else:
+            torch.mul(cur, cs[: l + 1], out=out[base : base + l + 1])
+            torch.mul(cur[1:].flip(0), ss_rev[L - l : L], out=out[l * l : base])
+        p2, p1 = p1, cur
+
+
 def real_sph_harm(lat_deg, lon_deg, max_degree: int) -> torch.Tensor:
     """Real orthonormal spherical harmonics at the given points.
 
@@ -82,9 +131,7 @@ def real_sph_harm(lat_deg, lon_deg, max_degree: int) -> torch.Tensor:
         max_degree: L >= 0.
 
     Returns:
-        Tensor ``[..., (L+1)**2]``, the function with degree l and order m at index l*l + l + m. For 1-D
-        input the result is a transposed view of a ``[(L+1)**2, N]`` buffer (not contiguous); call
-        ``.contiguous()`` if a kernel needs it.
+        Tensor ``[..., (L+1)**2]``, the function with degree l and order m at index l*l + l + m.
     """
     lat, lon = check_latlon(lat_deg, lon_deg)
     L = check_degree(max_degree)
@@ -117,51 +164,21 @@ def real_sph_harm(lat_deg, lon_deg, max_degree: int) -> torch.Tensor:
     cos_m = (w * torch.cos(mphi)).to(dtype)  # [L+1, N]
     sin_m = (w * torch.sin(mphi)).to(dtype)  # [L+1, N] (row 0 unused)
 
-    def scaled_factors(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = torch.exp2(e)
-        return cos_m * scale, (sin_m * scale).flip(0)  # sine rows reversed: m = L..0
-
-    cs, ss_rev = scaled_factors(expo)
-    out = torch.empty((D, n), dtype=dtype, device=lat.device)
-    ab_tab = a_tab * b_tab
     grad = torch.is_grad_enabled() and (lat.requires_grad or lon.requires_grad)
-    thresh = 2.0 ** _RENORM_BITS[dtype]
-    one = torch.ones((), dtype=dtype, device=lat.device)
-    # Without autograd the three degree buffers are reused in place; with it every step allocates.
-    bufs = None if grad else torch.empty((3, L + 1, n), dtype=dtype, device=lat.device)
-    p1 = seed[:1]  # Pbar_{l-1}^m for m = 0..l-1 (mantissas)                           [l, N]
-    p2 = seed[:0]  # Pbar_{l-2}^m for m = 0..l-2                                      [l-1, N]
-    out[0:1] = p1 * cs[:1]
-    for l in range(1, L + 1):
-        a = a_tab[l, :l, None]  # [l, 1]
-        ab = ab_tab[l, : l - 1, None]  # [l-1, 1]
-        if grad:
-            rec = a * x * p1  # [l, N]
-            rec = torch.cat([rec[: l - 1] - ab * p2, rec[l - 1 :], seed[l : l + 1]])
-            cur = rec  # Pbar_l^m, m = 0..l                                            [l+1, N]
-        else:
-            cur = bufs[l % 3, : l + 1]
-            torch.mul(p1, x, out=cur[:l])
-            cur[:l].mul_(a)
-            cur[: l - 1].addcmul_(p2, ab, value=-1.0)
-            cur[l] = seed[l]
-        if l % _RENORM_EVERY == 0:
-            big = cur.detach().abs() > thresh  # [l+1, N]
-            if bool(big.any()):
-                shrink = torch.where(big, one * 2.0 ** -_RENORM_BITS[dtype], one)
-                cur = cur * shrink
-                p1 = p1 * shrink[:l]
-                expo = torch.cat([expo[: l + 1] + big.to(dtype) * _RENORM_BITS[dtype], expo[l + 1 :]])
-                cs, ss_rev = scaled_factors(expo)
-        base = l * l + l
-        if grad:
-            out[base : base + l + 1] = cur * cs[: l + 1]  # m = 0..l
-            out[l * l : base] = cur[1:].flip(0) * ss_rev[L - l : L]  # m = -l..-1
-        else:
-            torch.mul(cur, cs[: l + 1], out=out[base : base + l + 1])
-            torch.mul(cur[1:].flip(0), ss_rev[L - l : L], out=out[l * l : base])
-        p2, p1 = p1, cur
-    out = out.to(out_dtype)
-    if len(batch_shape) == 1:
-        return out.T
-    return out.T.reshape(*batch_shape, D)
+    if grad:  # one pass over all points, out of place, so autograd can follow
+        buf = torch.empty((D, n), dtype=dtype, device=lat.device)
+        _degree_loop(buf, x, seed, expo, cos_m, sin_m, a_tab, b_tab, grad=True)
+        out = buf.T
+    else:
+        # chunks of points whose working buffers stay in cache; each chunk is transposed into the
+        # point-major result with one blocked copy
+        out = torch.empty((n, D), dtype=dtype, device=lat.device)
+        buf = torch.empty((D, min(n, _CHUNK_POINTS)), dtype=dtype, device=lat.device)
+        for start in range(0, n, _CHUNK_POINTS):
+            sl = slice(start, min(start + _CHUNK_POINTS, n))
+            view = buf[:, : sl.stop - sl.start]
+            _degree_loop(
+                view, x[sl], seed[:, sl], expo[:, sl], cos_m[:, sl], sin_m[:, sl], a_tab, b_tab, False
+            )
+            out[sl] = view.T
+    return out.to(out_dtype).reshape(*batch_shape, D)
