@@ -228,6 +228,9 @@ def fit_locdiff(cache: Path, emb_key: str, config, train, log=print):
     return ckpt, train_s, False
 
 
+_CODES: dict = {}  # sampled, averaged codes per (model, inference settings, seed, split) in this process
+
+
 def run_row_seed(cfg: dict, row: dict, seed: int, emb_key: str, splits: dict, cache: Path, log=print) -> dict:
     """Train + evaluate one row for one seed (no caching of the result here)."""
     from locdiff_core.baselines import train_baseline
@@ -240,7 +243,7 @@ def run_row_seed(cfg: dict, row: dict, seed: int, emb_key: str, splits: dict, ca
     t0 = time.perf_counter()
     cached_model = False
     if method == "locdiff":
-        from locdiff_core.sampling import Predictor
+        from locdiff_core.sampling import Predictor, sample_x0
 
         config = resolved_locdiff_config(cfg, row, seed)
         ckpt, train_s, cached_model = fit_locdiff(cache, emb_key, config, train, log)
@@ -252,9 +255,39 @@ def run_row_seed(cfg: dict, row: dict, seed: int, emb_key: str, splits: dict, ca
         )
         out["config"] = config.to_dict()
 
+        inf = config.infer
+        sample_key = (
+            str(_model_cache_path(cache, emb_key, config)),
+            bool(row.get("use_ema", True)),
+            inf.num_samples,
+            inf.num_steps,
+            inf.sampler,
+            inf.eta,
+            inf.guidance,
+            seed,
+        )
+
         def predict(emb):
-            gen = torch.Generator().manual_seed(10_000 + seed)
-            dec = predictor.predict(emb, generator=gen)
+            # rows that differ only in decoding (ρ, decoder anchors) share the sampled codes of a split
+            key = (*sample_key, emb.shape[0], float(emb.sum()))
+            if key not in _CODES:
+                gen = torch.Generator().manual_seed(10_000 + seed)
+                codes = []
+                for s in range(0, emb.shape[0], inf.batch_size):
+                    x0 = sample_x0(
+                        predictor.model,
+                        predictor.schedule,
+                        emb[s : s + inf.batch_size],
+                        num_samples=inf.num_samples,
+                        num_steps=inf.num_steps,
+                        sampler=inf.sampler,
+                        eta=inf.eta,
+                        guidance=inf.guidance,
+                        generator=gen,
+                    )  # [b, K, D]
+                    codes.append(x0.mean(dim=1) / predictor.shdd.scale)  # averaged code, as Predictor
+                _CODES[key] = torch.cat(codes).to(torch.float64)
+            dec = predictor.shdd.decode(_CODES[key], rho_km=inf.rho_km, anchors=predictor.anchors)
             return dec.lat_deg, dec.lon_deg
 
     elif method == "retrieval":
@@ -309,8 +342,10 @@ def result_key(cfg: dict, row: dict, seed: int, emb_key: str) -> str:
     return _hash({"v": BENCH_VERSION, "emb": emb_key, "data": data, "row": spec, "seed": seed})
 
 
-def run_benchmark(cfg: dict, rows=None, seeds=None, cache=None, store=None, log=print) -> list[dict]:
-    """Every (row, seed) result, computing only those missing from the cache."""
+def run_benchmark(
+    cfg: dict, rows=None, seeds=None, cache=None, store=None, log=print, cached_only: bool = False
+) -> list[dict]:
+    """Every (row, seed) result, computing only those missing from the cache (none if ``cached_only``)."""
     torch.set_num_threads(int(cfg.get("threads", 2)))
     cache = Path(cache or cfg.get("cache") or ROOT / "data" / "bench" / "method")
     emb_key, splits = prepare_data(cfg["data"], store=store, progress=log)
@@ -329,6 +364,8 @@ def run_benchmark(cfg: dict, rows=None, seeds=None, cache=None, store=None, log=
             path = cache / "results" / f"{key}.json"
             if path.exists():
                 res = json.loads(path.read_text())
+            elif cached_only:
+                continue
             else:
                 log(f"row {row['name']!r} seed {seed} ...")
                 res = run_row_seed(cfg, row, int(seed), emb_key, splits, cache, log)
@@ -420,12 +457,22 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", help="comma-separated seeds (default: the row's or [budget].seeds)")
     ap.add_argument("--out", help="markdown file for the tables (a .json with every seed goes beside it)")
     ap.add_argument("--cache", help="cache folder (default: <project>/data/bench/method)")
+    ap.add_argument("--cached-only", action="store_true", help="tabulate cached rows only, compute nothing")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
-    rows = [r.strip() for r in args.rows.split(",")] if args.rows else None
+    # row names may contain commas: separate them with ';' when any does
+    sep = ";" if args.rows and ";" in args.rows else ","
+    rows = [r.strip() for r in args.rows.split(sep)] if args.rows else None
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     t0 = time.perf_counter()
-    results = run_benchmark(cfg, rows=rows, seeds=seeds, cache=args.cache, log=lambda m: print(m, flush=True))
+    results = run_benchmark(
+        cfg,
+        rows=rows,
+        seeds=seeds,
+        cache=args.cache,
+        log=lambda m: print(m, flush=True),
+        cached_only=args.cached_only,
+    )
     text = render_tables(results, cfg)
     print(text)
     print(f"total {time.perf_counter() - t0:.0f} s")
