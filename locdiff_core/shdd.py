@@ -219,7 +219,9 @@ class SHDD:
         cos_sep = math.cos(min(check_positive(sep, "min_separation_km") / EARTH_RADIUS_KM, math.pi))
         B = coeffs.shape[0]
         if batch_size is None:
-            batch_size = max(1, min(B, (1 << 22) // len(grid)))
+            # densities [batch, A] of 16 MB; 256 MB when the basis is recomputed per batch (uncached grid)
+            budget = 1 << 22 if grid.basis is not None else 1 << 26
+            batch_size = max(1, min(B, budget // len(grid)))
         cf = coeffs.to(grid.dtype) * w
         parts = [
             self._coarse_modes(cf[start : start + batch_size], grid, top_k, cos_sep, peak)
