@@ -428,6 +428,8 @@ def render_tables(results: list[dict], cfg: dict, groups=("main", "ablation")) -
         if not rows:
             continue
         for split in splits:
+            if not any(split in a for _, a in rows):
+                continue
             title = f"### {group}: `{split}` (n = {sizes.get(split, '?')}) — {SPLIT_NOTES.get(split, '')}"
             lines += [title, ""]
             lines.append(
