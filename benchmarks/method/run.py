@@ -301,7 +301,7 @@ def run_row_seed(cfg: dict, row: dict, seed: int, emb_key: str, splits: dict, ca
         b = cfg["budget"]
         tc = TrainConfig(
             batch_size=int(b["batch_size"]),
-            max_steps=int(b["max_steps"]),
+            max_steps=int(row.get("config", {}).get("max_steps", b["max_steps"])),
             lr=float(b["lr"]),
             warmup_steps=int(b.get("warmup_steps", 100)),
             seed=seed,
@@ -418,7 +418,7 @@ def aggregate(results: list[dict]) -> dict:
     return agg
 
 
-def render_tables(results: list[dict], cfg: dict, groups=("main", "ablation")) -> str:
+def render_tables(results: list[dict], cfg: dict, groups=("main", "budget", "ablation")) -> str:
     agg = aggregate(results)
     splits = [s for s in cfg["data"].get("eval_splits", ["test", "test_random", "test_uniform"])]
     lines = []
