@@ -229,6 +229,8 @@ def predict_command(
         ):
             if i >= top_k:
                 break
+            if mlat != mlat or mass <= 0:  # NaN placeholder: the distribution has fewer modes
+                continue
             print(f"  mode {i + 1}: {mlat:8.4f}, {mlon:9.4f}  mass {mass:.3f}")
     if map_png:
         from locdiff.tasks.predict import predictions_map_png

@@ -133,7 +133,9 @@ def predictions_map_png(results: list[dict], labels: list[str]) -> bytes:
     ax.imshow(blue_marble(), extent=(-180, 180, -90, 90), origin="upper")
     for r, label in zip(results, labels, strict=True):
         mass = np.asarray(r["modes_mass"], dtype=float)
-        ax.scatter(r["modes_lon"], r["modes_lat"], s=20 + 300 * mass, facecolors="none", edgecolors="#ffd400")
+        ok = np.isfinite(np.asarray(r["modes_lat"], dtype=float)) & (mass > 0)
+        mlon, mlat = np.asarray(r["modes_lon"], dtype=float)[ok], np.asarray(r["modes_lat"], dtype=float)[ok]
+        ax.scatter(mlon, mlat, s=20 + 300 * mass[ok], facecolors="none", edgecolors="#ffd400")
         ax.scatter([r["lon"]], [r["lat"]], marker="x", c="#ff3b30", s=40)
         ax.annotate(
             label, (r["lon"], r["lat"]), color="white", fontsize=7, xytext=(4, 4), textcoords="offset points"
