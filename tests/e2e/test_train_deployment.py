@@ -46,7 +46,7 @@ def _kill_worker_and_flow_runs(pid: int) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
-def test_train_deployment_resumes_after_worker_kill_and_publishes(local_stack):
+def test_train_deployment_resumes_after_worker_kill_and_publishes(local_stack, tmp_path):
     stack, store_uri = local_stack
     params = {**PARAMS, "storage": store_uri}
     store = Store.from_uri(store_uri)
@@ -102,3 +102,22 @@ def test_train_deployment_resumes_after_worker_kill_and_publishes(local_stack):
     r = httpx.post(f"{stack.api_url}/artifacts/filter", json={"artifacts": {"type": {"any_": ["table"]}}})
     keys = {a["key"] for a in r.json()}
     assert "train-mp16-bluemarble-efficientnet-lite0-tiny-metrics" in keys
+
+    # `locdiff predict` on a Blue Marble tile with the newest run (encoder taken from the run)
+    from locdiff.datasets.bluemarble import crop_tile, encode_jpeg, load_bluemarble
+
+    img = tmp_path / "tile.jpg"
+    img.write_bytes(encode_jpeg(crop_tile(load_bluemarble(), 30.0, 31.2, 4.0, 128)))
+    out = subprocess.run(
+        [sys.executable, "-m", "locdiff.cli", "predict", str(img), "--map", str(tmp_path / "map.png")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    lat, lon = (float(v) for v in out.stdout.splitlines()[0].split(": ", 1)[1].split("(")[0].split(","))
+    assert -90 <= lat <= 90 and -180 <= lon <= 180
+    assert "mode 1:" in out.stdout
+    assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
