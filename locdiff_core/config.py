@@ -326,9 +326,12 @@ def _presets() -> dict[str, LocDiffConfig]:
         infer=InferConfig(num_samples=4, num_steps=10, batch_size=128),
     )
     cpu = LocDiffConfig(
+        # L=16: L=32 at the same CPU budget was far worse (docs/results.md, ablation A-L32)
         max_degree=16,
         embed_dim=1280,
         model=ModelConfig(widths=(512, 256, 128), cond_dim=256, time_embed_dim=64),
+        # loss "mse" (the LossConfig default): MSE+SHDD-KL at tau 0.1/0.3 no better, KL alone worse
+        # (docs/results.md, ablations A-msekl, A-tau03, A-kl)
         loss=LossConfig(n_uniform_anchors=256, n_data_anchors=128, n_near_anchors=2),
         train=TrainConfig(
             batch_size=256,
@@ -341,7 +344,11 @@ def _presets() -> dict[str, LocDiffConfig]:
             eval_size=256,
             checkpoint_every=500,
         ),
-        infer=InferConfig(num_samples=8, num_steps=25),
+        # S=10 DDIM steps: as accurate as S=25 at 200 and at 3000 training steps, 2.5x less sampling
+        # (docs/results.md, ablations A-S10 and B-3000 S=10); K=8: K=1 clearly worse (A-K1);
+        # rho_km=0 and guidance 1.0: a 300/1000 km filter and guidance 2.0 changed nothing measurable
+        # (A-rho300, A-rho1000, A-G2); EMA weights kept (A-noEMA: no difference at this budget)
+        infer=InferConfig(num_samples=8, num_steps=10),
     )
     default = LocDiffConfig()
     mp16 = default.replace(max_degree=64, train={"batch_size": 1024, "max_steps": 200_000})
