@@ -121,6 +121,8 @@ def resolved_locdiff_config(cfg: dict, row: dict, seed: int):
             "device": "cpu",
         },
     }
+    if "infer" in b:  # pinned inference settings: the table stays put when a preset's defaults move
+        over["infer"] = dict(b["infer"])
     over = _deep_merge(over, row.get("config", {}))
     over = _deep_merge(over, {"train": {"seed": int(seed)}})
     return get_preset(b.get("preset", "cpu"), **over)
