@@ -339,7 +339,7 @@ def result_key(cfg: dict, row: dict, seed: int, emb_key: str) -> str:
     if row["method"] == "locdiff":
         spec["resolved"] = resolved_locdiff_config(cfg, row, seed).to_dict()
     else:
-        spec["budget"] = cfg["budget"]
+        spec["budget"] = {k: v for k, v in cfg["budget"].items() if k != "infer"}  # LocDiff-only settings
     data = {k: v for k, v in cfg["data"].items() if k != "store"}
     return _hash({"v": BENCH_VERSION, "emb": emb_key, "data": data, "row": spec, "seed": seed})
 
