@@ -93,7 +93,7 @@ def anchor_coordinates(
         src_lat, src_lon = t["lat"].to_numpy(), t["lon"].to_numpy()
         source = f"{dataset_key} split={split}"
     g = torch.Generator().manual_seed(int(seed))
-    lat, lon = from_coordinates(torch.from_numpy(src_lat), torch.from_numpy(src_lon), n, generator=g)
+    lat, lon = from_coordinates(torch.tensor(src_lat), torch.tensor(src_lon), n, generator=g)
     return lat.numpy(), lon.numpy(), source
 
 
