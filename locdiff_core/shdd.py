@@ -205,6 +205,8 @@ class SHDD:
             coeffs: codes ``[B, D]`` in c units (x / sqrt(4 pi)).
         """
         coeffs = self.check_coeffs(coeffs)
+        if coeffs.shape[0] == 0:
+            raise ValueError("coeffs is an empty batch: decode needs at least one code")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
         if isinstance(refine_iters, bool) or not isinstance(refine_iters, int) or refine_iters < 0:

@@ -114,6 +114,8 @@ def test_decode_bad_input():
         s.decode(torch.zeros(2, 80))
     with pytest.raises(ValueError, match="NaN"):
         s.decode(torch.full((1, 81), float("nan")))
+    with pytest.raises(ValueError, match="empty batch"):
+        s.decode(torch.zeros(0, 81))
     with pytest.raises(ValueError, match="top_k must be an int >= 1"):
         s.decode(torch.zeros(1, 81), top_k=0)
     with pytest.raises(ValueError, match="built for L=16"):
