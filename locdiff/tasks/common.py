@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from prefect import task
 from prefect.cache_policies import INPUTS, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
@@ -62,6 +63,20 @@ def stage_cache(stage: str) -> CachePolicy:
     if stage not in STAGE_VERSIONS:
         raise ValueError(f"unknown stage {stage!r}; known: {sorted(STAGE_VERSIONS)}")
     return INPUTS + StageVersion(stage=stage, version=STAGE_VERSIONS[stage])
+
+
+def io_task(fn, stage: str, timeout_seconds: float, name: str | None = None):
+    """A Prefect task for an I/O-bound stage: cached on its inputs + stage version, retried with backoff."""
+    return task(
+        fn,
+        name=name or stage,
+        cache_policy=stage_cache(stage),
+        persist_result=True,
+        retries=IO_RETRIES,
+        retry_delay_seconds=IO_RETRY_DELAYS,
+        retry_jitter_factor=IO_RETRY_JITTER,
+        timeout_seconds=timeout_seconds,
+    )
 
 
 def open_store(storage: str | None) -> Store:

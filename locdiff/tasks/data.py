@@ -8,16 +8,7 @@ version.
 
 from __future__ import annotations
 
-from prefect import task
-
-from locdiff.tasks.common import (
-    IO_RETRIES,
-    IO_RETRY_DELAYS,
-    IO_RETRY_JITTER,
-    Progress,
-    open_store,
-    stage_cache,
-)
+from locdiff.tasks.common import Progress, io_task, open_store
 
 
 def prepare_dataset(storage: str | None, dataset: str, options: dict | None = None) -> str:
@@ -86,43 +77,8 @@ def build_anchors(
     return build_anchor_set(open_store(storage), kind, n, dataset_key=source_key)
 
 
-prepare_task = task(
-    prepare_dataset,
-    name="prepare-dataset",
-    cache_policy=stage_cache("prepare"),
-    persist_result=True,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_jitter_factor=IO_RETRY_JITTER,
-    timeout_seconds=48 * 3600,
-)
-embed_task = task(
-    embed_dataset,
-    name="embed",
-    cache_policy=stage_cache("embed"),
-    persist_result=True,
-    retries=IO_RETRIES,  # resumes at shard granularity, so a retry redoes little
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_jitter_factor=IO_RETRY_JITTER,
-    timeout_seconds=48 * 3600,
-)
-targets_task = task(
-    cache_targets,
-    name="targets",
-    cache_policy=stage_cache("targets"),
-    persist_result=True,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_jitter_factor=IO_RETRY_JITTER,
-    timeout_seconds=12 * 3600,
-)
-anchors_task = task(
-    build_anchors,
-    name="anchors",
-    cache_policy=stage_cache("anchors"),
-    persist_result=True,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_jitter_factor=IO_RETRY_JITTER,
-    timeout_seconds=3600,
-)
+prepare_task = io_task(prepare_dataset, "prepare", timeout_seconds=48 * 3600, name="prepare-dataset")
+# embedding resumes at shard granularity, so a retry redoes little
+embed_task = io_task(embed_dataset, "embed", timeout_seconds=48 * 3600)
+targets_task = io_task(cache_targets, "targets", timeout_seconds=12 * 3600)
+anchors_task = io_task(build_anchors, "anchors", timeout_seconds=3600)
