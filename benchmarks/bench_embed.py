@@ -40,8 +40,8 @@ def main() -> None:
 
     from locdiff.datasets import shards as ds
     from locdiff.datasets.bluemarble import build_bluemarble, load_bluemarble
-    from locdiff.embed import _default_workers, embed_dataset
     from locdiff.encoders import _efficientnet_weights_path, build_efficientnet_lite0, load_encoder
+    from locdiff.stages.embeddings import _default_workers, embed_dataset
     from locdiff.storage import Store
 
     enc = load_encoder(args.encoder, device=args.device, image_size=args.size)

@@ -36,9 +36,9 @@ def main() -> None:
 
     import torch
 
+    from locdiff_core.checkpoint import build_model
     from locdiff_core.config import get_preset
     from locdiff_core.sampling import Predictor, sample_x0
-    from locdiff_core.train import build_model
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     torch.manual_seed(0)

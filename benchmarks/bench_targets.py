@@ -2,7 +2,7 @@
 
 Both sides produce the same thing — a float32 ``[N, (L+1)^2]`` tensor of SHDD codes for N training
 coordinates — measured in the same run on the same points (the MP16 gallery shipped in geoclip).
-The cache side reads what ``locdiff.targets.build_targets`` writes (one Parquet file, float32 or
+The cache side reads what ``locdiff.stages.targets.build_targets`` writes (one Parquet file, float32 or
 float16 fixed-size lists) through the artifact store and converts to a torch tensor.
 
     .venv/bin/python benchmarks/bench_targets.py [--n 20000] [--degrees 16 32 64] [--threads 2]
@@ -38,8 +38,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from locdiff.datasets.bluemarble import gallery_coordinates
+    from locdiff.stages.targets import read_codes, write_codes
     from locdiff.storage import Store
-    from locdiff.targets import read_codes, write_codes
     from locdiff_core.shdd import SHDD
 
     g_lat, g_lon = gallery_coordinates()
@@ -63,7 +63,7 @@ def main() -> None:
                 with store.writer(key) as w:
                     write_codes(w, "codes.parquet", [str(i) for i in range(args.n)], codes, dtype)
                 sizes[dtype] = store.manifest(key)["bytes"] / 1e6
-                got = read_codes(store, key, "codes.parquet")
+                got = read_codes(store, key, "codes.parquet")[1]
                 err = (got - codes).abs().max().item()
                 assert err < (1e-6 if dtype == "float32" else 5e-2 * (L + 1)), err
                 t_read = _best(lambda key=key: read_codes(store, key, "codes.parquet"), args.repeat)

@@ -63,13 +63,14 @@ def sync(device) -> None:
 def run_one(preset: str, steps: int, loss_kind: str, n_data: int) -> dict:
     import torch
 
+    from locdiff_core.checkpoint import build_model
     from locdiff_core.config import get_preset
     from locdiff_core.diffusion import NoiseSchedule
     from locdiff_core.shdd import SHDD
     from locdiff_core.sphere import sample_uniform
     from locdiff_core.train import (
+        AnchorPools,
         GeoEmbeddings,
-        build_model,
         compute_loss,
         ema_update,
         resolve_device,
@@ -120,6 +121,7 @@ def run_one(preset: str, steps: int, loss_kind: str, n_data: int) -> dict:
         "optimizer_ema": 0.0,
     }
     dlat, dlon = lat.double(), lon.double()
+    pools = AnchorPools.default(cfg, data)
     n_phase = max(2, min(steps, 10))
     for i in range(n_phase + 1):
         record = i > 0  # first iteration warms up
@@ -128,7 +130,7 @@ def run_one(preset: str, steps: int, loss_kind: str, n_data: int) -> dict:
         x0 = (shdd.scale * shdd.encode(dlat[idx], dlon[idx])).to(device=device, dtype=torch.float32)
         sync(device)
         t1 = time.perf_counter()
-        anchors = sample_anchors(cfg, dlat[idx], dlon[idx], dlat, dlon, g) if loss_kind != "mse" else None
+        anchors = sample_anchors(cfg, dlat[idx], dlon[idx], pools, g) if loss_kind != "mse" else None
         t2 = time.perf_counter()
         ts = schedule.sample_timesteps(tc.batch_size, generator=g).to(device)
         x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=g).to(device), ts)

@@ -166,7 +166,7 @@ def refresh(con: duckdb.DuckDBPyConnection, store: Store) -> None:
             for f in m["files"]:
                 base = f["relpath"].rsplit("/", 1)[-1]
                 if fnmatch.fnmatchcase(base, pattern):
-                    files.append((store._to_uri(store._p(m["key"], f["path"])), m["key"], m.get("name")))
+                    files.append((store.entry_uri(m["key"], f), m["key"], m.get("name")))
         _create_view(con, view, files)
 
 

@@ -447,3 +447,32 @@ def load_encoder(
             )
         return _REGISTRY[name](pretrained, checkpoint, dev, image_size, cache_dir)
     return _load_open_clip(name, pretrained, checkpoint, dev, image_size, cache_dir)
+
+
+# --------------------------------------------------------------------------------------------- specs
+def split_encoder(spec: str) -> tuple[str, str | None]:
+    """'ViT-L-14/openai' -> ('ViT-L-14', 'openai'); 'efficientnet-lite0' -> ('efficientnet-lite0', None)."""
+    name, _, pretrained = spec.partition("/")
+    return name, (pretrained or None)
+
+
+def encoder_spec(manifest: dict) -> str | None:
+    """Encoder spec ('NAME', 'NAME/PRETRAINED' or 'NAME@CHECKPOINT') of an embeddings manifest."""
+    enc = manifest.get("encoder") or (manifest.get("config") or {}).get("encoder")
+    if isinstance(enc, str) or enc is None:
+        return enc
+    name, weights = enc.get("name"), str(enc.get("weights") or "")
+    if weights.startswith("open_clip:"):
+        return f"{name}/{weights.split(':', 1)[1]}"
+    if weights.startswith("file:"):
+        return f"{name}@{weights.split(':', 1)[1]}"
+    return name
+
+
+def encoder_kwargs(spec: str) -> dict:
+    """'ViT-L-14/openai' -> encoder_name + pretrained; 'NAME@PATH' -> encoder_name + checkpoint."""
+    if "@" in spec:
+        name, ckpt = spec.split("@", 1)
+        return {"encoder_name": name, "checkpoint": ckpt}
+    name, pretrained = split_encoder(spec)
+    return {"encoder_name": name, "pretrained": pretrained}

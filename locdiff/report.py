@@ -117,7 +117,7 @@ def blue_marble(max_width: int = 1800) -> np.ndarray:
         return np.asarray(im)
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight")
     return buf.getvalue()
@@ -179,7 +179,7 @@ def world_map_png(
     shown = f"{len(idx)} of {n}" if len(idx) < n else f"{n}"
     ax.set_title(f"{title} ({shown} images)" if title else f"{shown} images", fontsize=10)
     ax.legend(loc="lower left", fontsize=8, framealpha=0.8)
-    png = _png(fig)
+    png = png_bytes(fig)
     plt.close(fig)
     return png
 
@@ -226,7 +226,7 @@ def error_cdf_png(distances_km: Mapping[str, np.ndarray], title: str = "") -> by
     ax.set_title(title or "error-distance CDF", fontsize=10, pad=14)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    png = _png(fig)
+    png = png_bytes(fig)
     plt.close(fig)
     return png
 

@@ -307,6 +307,10 @@ class Store:
         entry = self._entry(key, relpath)
         return self._to_uri(self._p(key, entry["path"]))
 
+    def entry_uri(self, key: str, entry: dict) -> str:
+        """Full URI of the file a manifest entry (``manifest(key)["files"][i]``) points at."""
+        return self._to_uri(self._p(key, entry["path"]))
+
     def fspath(self, key: str, relpath: str) -> str:
         """Path of a committed file in ``self.fs`` terms (what ``store.fs.open`` takes)."""
         return self._p(key, self._entry(key, relpath)["path"])
@@ -626,3 +630,27 @@ class ArtifactWriter:
         self.store._atomic_put(self.store._p(self.key, MANIFEST), json.dumps(manifest, indent=1).encode())
         self.store._refresh()
         self.committed = True
+
+
+# --------------------------------------------------------------------------------------------- key type
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """A store key taken apart: ``<stage>/<name>/<hash16>`` (``name`` may hold slashes)."""
+
+    stage: str
+    name: str
+    hash: str
+
+    @classmethod
+    def parse(cls, key: str) -> Key:
+        stage, rest = _check_key(key).split("/", 1)
+        name, digest = rest.rsplit("/", 1)
+        return cls(stage, name, digest)
+
+    @property
+    def head(self) -> str:
+        """The first component of the name (a dataset name for most stages)."""
+        return self.name.split("/", 1)[0]
+
+    def __str__(self) -> str:
+        return f"{self.stage}/{self.name}/{self.hash}"

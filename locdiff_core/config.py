@@ -112,12 +112,14 @@ class LossConfig:
     mse_weight: float = 1.0
     kl_weight: float = 1.0
     tau: float = 0.1  # SHDD-KL temperature, relative to the peak value (L+1)²/4π
-    # Anchors for SHDD-KL, resampled every step: a jittered uniform lattice, a random subset of the
-    # training coordinates (the data distribution) and points in caps around each batch target.
+    # Anchors for SHDD-KL, resampled every step: points drawn from the uniform anchor set (the decoder's,
+    # infer.decoder_anchors), points drawn from the data anchor set (data_anchor_pool training
+    # coordinates: the photo distribution) and points in caps around each batch target.
     n_uniform_anchors: int = 512
     n_data_anchors: int = 256
     n_near_anchors: int = 4  # per target in the batch
     near_radius_km: float = 500.0
+    data_anchor_pool: int = 100_000  # size of the data anchor set the pipeline draws once
 
     def __post_init__(self) -> None:
         _check_choice("loss.kind", self.kind, LOSS_KINDS)
@@ -127,11 +129,13 @@ class LossConfig:
         for name in ("n_uniform_anchors", "n_data_anchors", "n_near_anchors"):
             _check_positive(f"loss.{name}", getattr(self, name), allow_zero=True)
         _check_positive("loss.near_radius_km", self.near_radius_km)
+        _check_positive("loss.data_anchor_pool", self.data_anchor_pool)
         if self.kind != "mse" and self.n_uniform_anchors + self.n_data_anchors + self.n_near_anchors == 0:
             raise ValueError(f"loss.kind={self.kind!r} needs anchors: all anchor counts are 0")
 
 
 AMP_MODES = ("auto", "bf16", "none")
+TARGET_SOURCES = ("cache", "per_batch")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -158,6 +162,9 @@ class TrainConfig:
     eval_samples: int = 4  # K during periodic evaluation
     eval_steps: int = 10  # sampler steps during periodic evaluation
     checkpoint_every: int = 1000  # 0: only at the end
+    # x₀ source: "cache" = the pipeline's SHDD target cache (measured faster on CPU, bench_targets.py),
+    # "per_batch" = encode each batch's coordinates (no cache built; cheaper on disk at MP16 scale)
+    targets: str = "cache"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "lr", "eval_size", "eval_samples", "eval_steps"):
@@ -171,6 +178,7 @@ class TrainConfig:
         _check_fraction("train.ema_decay", self.ema_decay)
         _check_choice("train.amp", self.amp, AMP_MODES)
         _check_choice("train.device", self.device, DEVICES)
+        _check_choice("train.targets", self.targets, TARGET_SOURCES)
 
 
 SAMPLERS = ("ddim", "ddpm")
@@ -188,8 +196,12 @@ class InferConfig:
     rho_km: float = 0.0  # decoder filter radius (SHDD.decode's rho_km); 0 = no filter
     top_k: int = 5  # modes reported per image
     batch_size: int = 256  # images per forward chunk (each chunk runs images × K samples)
+    # size of the uniform anchor set the decoder searches (and SHDD-KL draws from); 0 = SHDD's default
+    # max(10,000, 4·(L+1)²), spacing ~0.8 of the kernel's half-width
+    decoder_anchors: int = 0
 
     def __post_init__(self) -> None:
+        _check_positive("infer.decoder_anchors", self.decoder_anchors, allow_zero=True)
         for name in ("num_samples", "num_steps", "top_k", "batch_size"):
             _check_positive(f"infer.{name}", getattr(self, name))
         _check_choice("infer.sampler", self.sampler, SAMPLERS)
@@ -231,6 +243,13 @@ class LocDiffConfig:
     def dim(self) -> int:
         """D = (L+1)², the width of the diffusion variable."""
         return (self.max_degree + 1) ** 2
+
+    @property
+    def decoder_anchor_count(self) -> int:
+        """Anchors of the decoder's uniform set: ``infer.decoder_anchors``, else SHDD's default count."""
+        from .shdd import SHDD
+
+        return self.infer.decoder_anchors or SHDD(self.max_degree).default_anchor_count()
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

@@ -123,14 +123,9 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, state: dict, *, use_ema: bool = True, device: str | None = None, anchors=None):
-        from .train import CHECKPOINT_FORMAT, build_model
+        from .checkpoint import load_model
 
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            got = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"not a LocDiff checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})")
-        config = LocDiffConfig.from_dict(state["config"])
-        model = build_model(config)
-        model.load_state_dict(state["ema" if use_ema else "model"])
+        config, model = load_model(state, use_ema=use_ema)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return cls(config, model.to(device), anchors=anchors)

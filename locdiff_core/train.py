@@ -25,32 +25,32 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import LocDiffConfig, config_diff
-from .denoiser import CSUNet
-from .diffusion import NoiseSchedule
-
-CHECKPOINT_FORMAT = "locdiff-checkpoint/1"
-# Fields that may change between a checkpoint and its resumption: they do not alter the trajectory.
-RESUME_SAFE_FIELDS = frozenset(
-    {
-        "train.log_every",
-        "train.eval_every",
-        "train.eval_size",
-        "train.eval_samples",
-        "train.eval_steps",
-        "train.checkpoint_every",
-        "train.device",
-    }
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    build_model,
+    check_compatible,
+    pack_rng,
+    unpack_numpy_rng,
+    unpack_python_rng,
 )
+from .config import LocDiffConfig
+from .diffusion import NoiseSchedule
+from .sampling import predict_with
+from .shdd import SHDD
 
 
 @dataclass(frozen=True)
 class GeoEmbeddings:
-    """Image embeddings with their true locations: emb [N, E] (any float dtype), lat/lon [N] degrees."""
+    """Image embeddings with their true locations: emb [N, E] (any float dtype), lat/lon [N] degrees.
+
+    ``codes`` [N, (L+1)²] optionally carries each row's SHDD code (c units, e.g. read from the target
+    cache); the trainer then takes x₀ = √(4π)·code from it instead of encoding the coordinates.
+    """
 
     emb: Tensor
     lat_deg: Tensor
     lon_deg: Tensor
+    codes: Tensor | None = None
 
     def __post_init__(self) -> None:
         emb, lat, lon = self.emb, self.lat_deg, self.lon_deg
@@ -64,6 +64,10 @@ class GeoEmbeddings:
                 raise ValueError(
                     f"{name} must be a tensor of shape [{n}], got {getattr(v, 'shape', type(v))}"
                 )
+        if self.codes is not None and (
+            not isinstance(self.codes, Tensor) or self.codes.ndim != 2 or self.codes.shape[0] != n
+        ):
+            raise ValueError(f"codes must be a tensor [{n}, D], got {getattr(self.codes, 'shape', None)}")
         bad = (~torch.isfinite(emb).all(dim=1)).nonzero()
         if bad.numel():
             raise ValueError(f"emb has NaN/inf values in {bad.numel()} rows (first: row {int(bad[0, 0])})")
@@ -83,7 +87,30 @@ class GeoEmbeddings:
         return self.emb.shape[1]
 
     def subset(self, idx: Tensor) -> GeoEmbeddings:
-        return GeoEmbeddings(self.emb[idx], self.lat_deg[idx], self.lon_deg[idx])
+        codes = None if self.codes is None else self.codes[idx]
+        return GeoEmbeddings(self.emb[idx], self.lat_deg[idx], self.lon_deg[idx], codes)
+
+
+@dataclass(frozen=True)
+class AnchorPools:
+    """The point sets SHDD-KL anchors are drawn from at every step (DESIGN §3 "Anchors").
+
+    ``uniform_*`` [U]: an equal-area set (the pipeline's uniform anchor-set artifact); ``data_*`` [M]: the
+    photo distribution (the pipeline's data anchor-set artifact, drawn from the training coordinates).
+    """
+
+    uniform_lat: Tensor
+    uniform_lon: Tensor
+    data_lat: Tensor
+    data_lon: Tensor
+
+    @classmethod
+    def default(cls, config: LocDiffConfig, data: GeoEmbeddings) -> AnchorPools:
+        """Without artifacts: the decoder's Fibonacci lattice and the training coordinates themselves."""
+        from .anchors import uniform_anchors
+
+        lat, lon = uniform_anchors(config.decoder_anchor_count)
+        return cls(lat, lon, data.lat_deg, data.lon_deg)
 
 
 @dataclass
@@ -125,26 +152,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(config: LocDiffConfig) -> CSUNet:
-    return CSUNet(config.dim, config.embed_dim, config.model)
-
-
-def check_compatible(config: LocDiffConfig, checkpoint: dict) -> LocDiffConfig:
-    """Refuse a checkpoint of another format or config; returns the checkpoint's config."""
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        got = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"not a LocDiff checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})")
-    saved = LocDiffConfig.from_dict(checkpoint["config"])
-    diff = {k: v for k, v in config_diff(saved, config).items() if k not in RESUME_SAFE_FIELDS}
-    if diff:
-        parts = "; ".join(f"{k}: checkpoint={a!r}, requested={b!r}" for k, (a, b) in diff.items())
-        raise ValueError(
-            f"checkpoint config differs from the requested config in {len(diff)} field(s): {parts}. "
-            f"Only {sorted(RESUME_SAFE_FIELDS)} may change on resume."
-        )
-    return saved
-
-
 # --------------------------------------------------------------------------------------------------
 # loss
 # --------------------------------------------------------------------------------------------------
@@ -152,23 +159,25 @@ def sample_anchors(
     config: LocDiffConfig,
     target_lat: Tensor,
     target_lon: Tensor,
-    data_lat: Tensor,
-    data_lon: Tensor,
+    pools: AnchorPools,
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
-    """Fresh SHDD-KL anchors for one step: jittered uniform + data distribution + caps around targets."""
-    from .anchors import near_target_anchors, uniform_anchors
+    """Fresh SHDD-KL anchors for one step: uniform pool + data pool + caps around the batch targets.
+
+    Pool points are drawn with replacement (O(n) per step; a draw without replacement would cost a
+    permutation of the pool every step).
+    """
+    from .anchors import near_target_anchors
 
     lc = config.loss
     lats, lons = [], []
-    if lc.n_uniform_anchors:
-        la, lo = uniform_anchors(lc.n_uniform_anchors, jitter=True, generator=generator)
-        lats.append(la.reshape(-1)), lons.append(lo.reshape(-1))
-    if lc.n_data_anchors:
-        # the data distribution: training coordinates drawn uniformly with replacement (O(n) per step;
-        # a without-replacement draw would cost a permutation of the whole training set every step)
-        idx = torch.randint(0, data_lat.shape[0], (lc.n_data_anchors,), generator=generator)
-        lats.append(data_lat[idx]), lons.append(data_lon[idx])
+    for n, lat, lon in (
+        (lc.n_uniform_anchors, pools.uniform_lat, pools.uniform_lon),
+        (lc.n_data_anchors, pools.data_lat, pools.data_lon),
+    ):
+        if n:
+            idx = torch.randint(0, lat.shape[0], (n,), generator=generator)
+            lats.append(lat[idx]), lons.append(lon[idx])
     if lc.n_near_anchors:
         la, lo = near_target_anchors(target_lat, target_lon, lc.near_radius_km, lc.n_near_anchors, generator)
         lats.append(la.reshape(-1)), lons.append(lo.reshape(-1))
@@ -203,22 +212,15 @@ def compute_loss(
 # the loop
 # --------------------------------------------------------------------------------------------------
 def _rng_state(gen: torch.Generator) -> dict:
-    state = {
-        "loop": gen.get_state(),
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),  # noqa: NPY002 (global state, saved for resume)
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return pack_rng(gen, np.random.get_state(), random.getstate(), cuda)  # noqa: NPY002 (global state)
 
 
 def _set_rng_state(gen: torch.Generator, state: dict) -> None:
     gen.set_state(state["loop"])
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
-    random.setstate(state["python"])
+    np.random.set_state(unpack_numpy_rng(state["numpy"]))  # noqa: NPY002
+    random.setstate(unpack_python_rng(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -236,13 +238,15 @@ def train(
     resume_from: dict | None = None,
     progress: Callable[[dict], None] | None = None,
     max_steps: int | None = None,
+    anchor_pools: AnchorPools | None = None,
 ) -> TrainResult:
     """Train (or resume) LocDiff; stop at ``max_steps`` (absolute step) or ``config.train.max_steps``.
 
+    x₀ comes from ``train_data.codes`` when it holds them (the target cache), else from encoding the
+    coordinates. SHDD-KL anchors are drawn from ``anchor_pools`` (default: :meth:`AnchorPools.default`).
+
     ``max_steps`` stops early without changing the LR schedule (that is what lets k + (N−k) equal N).
     """
-    from .shdd import SHDD
-
     tc = config.train
     if train_data.embed_dim != config.embed_dim:
         raise ValueError(
@@ -290,8 +294,15 @@ def train(
         curves = copy.deepcopy(resume_from.get("curves", curves))
         _set_rng_state(gen, resume_from["rng"])
 
+    if train_data.codes is not None and train_data.codes.shape[1] != config.dim:
+        raise ValueError(
+            f"train_data.codes have {train_data.codes.shape[1]} coordinates, L={config.max_degree} needs "
+            f"{config.dim}: the target cache was built for another max_degree"
+        )
     data_lat = train_data.lat_deg.to(torch.float64)
     data_lon = train_data.lon_deg.to(torch.float64)
+    if config.loss.kind != "mse" and anchor_pools is None:
+        anchor_pools = AnchorPools.default(config, train_data)
     val_subset = None
     if val_data is not None:
         n_val = min(tc.eval_size, len(val_data))
@@ -318,7 +329,6 @@ def train(
 
     def evaluate() -> dict:
         from .metrics import geolocation_metrics
-        from .sampling import predict_with
 
         ema.eval()
         dec = predict_with(
@@ -346,13 +356,12 @@ def train(
         idx = torch.randint(0, len(train_data), (tc.batch_size,), generator=gen)  # [B]
         lat, lon = data_lat[idx], data_lon[idx]  # [B]
         emb = train_data.emb[idx].to(device=device, dtype=torch.float32)  # [B, E]
-        x0 = (shdd.scale * shdd.encode(lat, lon)).to(device=device, dtype=torch.float32)  # [B, D]
+        code = shdd.encode(lat, lon) if train_data.codes is None else train_data.codes[idx]  # [B, D]
+        x0 = (shdd.scale * code.to(torch.float64)).to(device=device, dtype=torch.float32)  # [B, D]
         t = schedule.sample_timesteps(tc.batch_size, generator=gen)  # [B]
         noise = torch.randn(x0.shape, generator=gen).to(device)  # [B, D]
         drop = (torch.rand(tc.batch_size, generator=gen) < config.model.p_uncond).to(device)  # [B]
-        anchors = (
-            sample_anchors(config, lat, lon, data_lat, data_lon, gen) if config.loss.kind != "mse" else None
-        )
+        anchors = sample_anchors(config, lat, lon, anchor_pools, gen) if config.loss.kind != "mse" else None
         x_t = schedule.add_noise(x0, noise, t.to(device))  # [B, D]
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
             pred = model(x_t, t.to(device), emb, drop)  # [B, D]

@@ -214,7 +214,7 @@ def predict_command(
     samples: int = typer.Option(None, help="K samples per image (default: the run's config)."),
 ) -> None:
     """Predict where IMAGE(s) were taken: lat/lon and the top-k modes of the spherical distribution."""
-    from locdiff.tasks.predict import predict_images
+    from locdiff.commands.predict import predict_images
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
@@ -233,7 +233,7 @@ def predict_command(
                 continue
             print(f"  mode {i + 1}: {mlat:8.4f}, {mlon:9.4f}  mass {mass:.3f}")
     if map_png:
-        from locdiff.tasks.predict import predictions_map_png
+        from locdiff.commands.predict import predictions_map_png
 
         map_png.write_bytes(predictions_map_png(results, [p.name for p in images]))
         print(f"map: {map_png}")

@@ -34,7 +34,6 @@ def demo(
         dataset_options=DEMO_DATASET_OPTIONS if dataset_options is None else dataset_options,
         encoder_options={},
         eval_datasets=[],
-        anchors={"kind": "uniform", "n": 10_000},
         baselines=["most-common-region"],
         storage=storage,
         refresh=False,

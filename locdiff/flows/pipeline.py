@@ -1,29 +1,66 @@
-"""The chained pipeline shared by `train-mp16` and `demo`: every stage as a subflow, passing keys."""
+"""The chained pipeline shared by `train-mp16` and `demo`: every stage as a subflow, passing keys.
+
+prepare → embed → targets (unless train.targets="per_batch") → anchors (the decoder's uniform set; plus
+the data set when SHDD-KL draws photo-distribution anchors) → train → evaluate → report. The config is
+resolved once here (preset + overrides, validated before any work; the embedding width is applied
+when the embeddings exist) and travels as one ``LocDiffConfig``.
+"""
 
 from __future__ import annotations
 
 from prefect import get_run_logger
 
-from locdiff.flows.anchors import anchors_flow
-from locdiff.flows.embed import embed_flow
-from locdiff.flows.evaluate import evaluate_flow
-from locdiff.flows.prepare import prepare_dataset_flow
-from locdiff.flows.report import report_flow
-from locdiff.flows.targets import targets_flow
-from locdiff.flows.train import train_flow
+from locdiff.flows.stages import (
+    anchors_flow,
+    embed_flow,
+    evaluate_flow,
+    prepare_flow,
+    report_flow,
+    targets_flow,
+    train_flow,
+)
 
 
-def _has_split(dataset: str, split: str) -> bool:
-    from locdiff.datasets import registry
+def evaluate_present(
+    storage: str | None,
+    run_key: str,
+    encoder: str,
+    datasets: list[str],
+    baselines: list[str],
+    encoder_options: dict | None = None,
+) -> tuple[list[str], list[str]]:
+    """Embed and evaluate every dataset of `datasets` that is committed in the store (all its rows);
+    returns (eval keys, notes on the ones skipped)."""
+    from locdiff.stages.datasets import latest_dataset
+    from locdiff.storage import Store
 
-    try:
-        return split in registry.get(dataset).splits
-    except Exception:  # noqa: BLE001 - user datasets: try and let the evaluation say
-        return True
+    log = get_run_logger()
+    store = Store.from_uri(storage)
+    eval_keys, notes = [], []
+    for name in datasets:
+        key = latest_dataset(store, name)
+        if key is None:
+            note = f"{name}: skipped, not present locally (see `locdiff datasets list` for how to obtain it)"
+            log.warning(note)
+            notes.append(note)
+            continue
+        ek = embed_flow(storage=storage, dataset_key=key, encoder=encoder, options=encoder_options or {})
+        eval_keys.append(
+            evaluate_flow(
+                storage=storage,
+                run_key=run_key,
+                embeddings_key=ek,
+                split=None,
+                dataset=name,
+                baselines=baselines,
+            )
+        )
+    return eval_keys, notes
 
 
 def run_pipeline(
     *,
+    storage: str | None,
     dataset: str,
     encoder: str,
     preset: str,
@@ -31,47 +68,69 @@ def run_pipeline(
     dataset_options: dict | None,
     encoder_options: dict | None,
     eval_datasets: list[str] | None,
-    anchors: dict | None,
     baselines: list[str] | None,
-    storage: str | None,
     refresh: bool,
     title: str,
 ) -> dict:
-    from locdiff.tasks.data import dataset_available
-    from locdiff.tasks.train import resolve_config
+    from locdiff.stages.datasets import splits
+    from locdiff.stages.runs import anchor_roles, resolve_config
+    from locdiff.storage import Store
 
     log = get_run_logger()
-    overrides = dict(overrides or {})
-    # Validate the config before any work: a typo in an override fails in a second, not after embedding.
-    max_degree = resolve_config(preset, overrides.get("embed_dim", 1), overrides).max_degree
+    config = resolve_config(preset, overrides)  # a typo in an override fails now, not after embedding
+    baselines = list(baselines or [])
 
-    ds_key = prepare_dataset_flow(dataset, dataset_options or {}, storage)
-    emb_key = embed_flow(ds_key, encoder, encoder_options or {}, storage)
-    targets_key = targets_flow(emb_key, max_degree, storage)
-    anchor_opts = {"kind": "uniform", "n": 10_000, **(anchors or {})}
-    anchors_key = anchors_flow(
-        anchor_opts["kind"], int(anchor_opts["n"]), anchor_opts.get("source_key"), storage
+    ds_key = prepare_flow(storage=storage, dataset=dataset, options=dataset_options or {})
+    emb_key = embed_flow(storage=storage, dataset_key=ds_key, encoder=encoder, options=encoder_options or {})
+    store = Store.from_uri(storage)
+    config = config.replace(embed_dim=int(store.manifest(emb_key)["dim"]))  # the data's width
+    targets_key = None
+    if config.train.targets == "cache":
+        targets_key = targets_flow(storage=storage, embeddings_key=emb_key, max_degree=config.max_degree)
+    anchors = {"uniform": anchors_flow(storage=storage, kind="uniform", n=config.decoder_anchor_count)}
+    if "data" in anchor_roles(config):
+        anchors["data"] = anchors_flow(
+            storage=storage, kind="data", n=config.loss.data_anchor_pool, source_key=emb_key
+        )
+    run_key = train_flow(
+        storage=storage,
+        embeddings_key=emb_key,
+        config=config,
+        targets_key=targets_key,
+        anchors=anchors,
+        name=f"{dataset.lower()}-{preset}",
+        preset=preset,
+        refresh=refresh,
     )
-    run_key = train_flow(emb_key, preset, overrides, None, storage, refresh)
 
     eval_keys, notes = [], []
-    if _has_split(dataset, "test"):
-        eval_keys.append(evaluate_flow(run_key, emb_key, "test", dataset, baselines, storage))
-    for name in eval_datasets or []:
-        key = dataset_available(storage, name)
-        if key is None:
-            note = f"{name}: skipped, not present locally (see `locdiff datasets list` for how to obtain it)"
-            log.warning(note)
-            notes.append(note)
-            continue
-        ek = embed_flow(key, encoder, encoder_options or {}, storage)
-        eval_keys.append(evaluate_flow(run_key, ek, None, name, baselines, storage))
-    report = report_flow(eval_keys, title, notes, storage) if eval_keys else None
+    if splits(store, ds_key).get("test"):
+        eval_keys.append(
+            evaluate_flow(
+                storage=storage,
+                run_key=run_key,
+                embeddings_key=emb_key,
+                split="test",
+                dataset=dataset,
+                baselines=baselines,
+            )
+        )
+    else:
+        notes.append(f"{dataset}: no test split; evaluated on the benchmarks present only")
+        log.info(notes[-1])
+    more, skipped = evaluate_present(
+        storage, run_key, encoder, eval_datasets or [], baselines, encoder_options
+    )
+    eval_keys += more
+    notes += skipped
+    report = (
+        report_flow(storage=storage, eval_keys=eval_keys, title=title, notes=notes) if eval_keys else None
+    )
     summary = {
         "dataset": ds_key,
         "embeddings": emb_key,
         "targets": targets_key,
-        "anchors": anchors_key,
+        "anchors": anchors,
         "run": run_key,
         "evaluations": eval_keys,
         "notes": notes,

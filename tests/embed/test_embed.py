@@ -17,8 +17,14 @@ import torch
 
 from locdiff.datasets import shards as ds
 from locdiff.datasets.bluemarble import build_bluemarble
-from locdiff.embed import SLEEP_ENV, embed_dataset, embedding_key, embedding_parts, load_embeddings
 from locdiff.encoders import load_encoder
+from locdiff.stages.embeddings import (
+    SLEEP_ENV,
+    embed_dataset,
+    embedding_key,
+    embedding_parts,
+    load_embeddings,
+)
 from locdiff.storage import Store
 
 TINY = {"n": 40, "seed": 5, "size_px": 64, "shard_size": 10}  # 4 shards of 10 tiles
@@ -62,7 +68,7 @@ def test_embed_dataset_parts_and_loading(tmp_path, encoder):
     # one split
     t_ids, t_emb, _, _ = load_embeddings(store, key, split="test")
     assert set(t_ids) == set(manifest.index[manifest["split"] == "test"]) and t_emb.shape[0] == len(t_ids)
-    with pytest.raises(ValueError, match="no embeddings of split"):
+    with pytest.raises(LookupError, match="no embeddings of split"):
         load_embeddings(store, key, split="nope")
     # DuckDB reads the float16 list column in place, with the same values
     uri = store.uri(key, embedding_parts(store, key)[0])
@@ -101,7 +107,7 @@ _CHILD = textwrap.dedent(
     import sys, torch
     torch.set_num_threads(int(sys.argv[3]))
     from locdiff.storage import Store
-    from locdiff.embed import embed_dataset
+    from locdiff.stages.embeddings import embed_dataset
     from locdiff.encoders import load_encoder
     store = Store.from_uri(sys.argv[1])
     embed_dataset(store, sys.argv[2], batch_size=4, num_workers=1,

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from locdiff.anchorsets import build_anchor_set, land_lattice, load_anchor_set
 from locdiff.datasets.bluemarble import build_bluemarble, gallery_coordinates, is_land
 from locdiff.datasets.shards import read_manifest
-from locdiff.embed import embed_dataset, load_embeddings
 from locdiff.encoders import load_encoder
+from locdiff.stages.anchors import build_anchor_set, land_lattice, load_anchor_set
+from locdiff.stages.embeddings import embed_dataset, load_embeddings
+from locdiff.stages.targets import build_targets, load_targets, targets_for
 from locdiff.storage import Store
-from locdiff.targets import build_targets, load_targets, targets_for
 from locdiff_core.shdd import SHDD
 from locdiff_core.sphere import EARTH_RADIUS_KM
 

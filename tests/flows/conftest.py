@@ -48,7 +48,7 @@ def synthetic_embeddings(
     table = pa.table(
         {
             "image_id": [f"syn-{i:05d}" for i in range(n)],
-            "embedding": pa.array(list(emb.astype(np.float16)), type=pa.list_(pa.float16())),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float16).reshape(-1)), dim),
             "lat": lat,
             "lon": lon,
             "split": split.tolist(),
@@ -58,8 +58,8 @@ def synthetic_embeddings(
     key = store.key("embeddings", f"synthetic/{encoder}", "1", cfg)
     if not store.exists(key):
         with store.writer(key, config=cfg) as w:
-            w.write_table("part-00000.parquet", table)
-            w.set(encoder=encoder, rows=n)
+            w.write_table("parts/part-00000.parquet", table)
+            w.set(encoder=encoder, rows=n, dim=dim)
     return key
 
 
@@ -71,3 +71,23 @@ def store_uri(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def embeddings_key(store_uri) -> str:
     return synthetic_embeddings(Store.from_uri(store_uri))
+
+
+def tiny_config(embed_dim: int = 32, **train):
+    """The tiny preset at the synthetic embeddings' width with train overrides."""
+    from locdiff.stages.runs import resolve_config
+
+    return resolve_config("tiny", {"train": train}, embed_dim=embed_dim)
+
+
+def run_inputs(store_uri: str, embeddings_key: str, config) -> dict:
+    """The target cache and anchor sets a run of `config` reads, built like the pipeline does."""
+    from locdiff.stages.anchors import build_anchor_set
+    from locdiff.stages.runs import anchor_roles
+    from locdiff.stages.targets import build_targets
+
+    store = Store.from_uri(store_uri)
+    anchors = {"uniform": build_anchor_set(store, "uniform", config.decoder_anchor_count)}
+    if "data" in anchor_roles(config):
+        anchors["data"] = build_anchor_set(store, "data", 2000, dataset_key=embeddings_key)
+    return {"targets_key": build_targets(store, embeddings_key, config.max_degree), "anchors": anchors}

@@ -7,12 +7,13 @@ import asyncio
 import pytest
 from prefect import flow
 
+from locdiff.flows.tasks import train_task
 from locdiff.storage import Store
-from locdiff.tasks.train import train_task
+from tests.flows.conftest import run_inputs, tiny_config
 
 pytestmark = pytest.mark.slow
 
-TINY = {"train": {"max_steps": 40, "log_every": 20}}
+TINY = tiny_config(max_steps=40, log_every=20)
 
 
 def _artifacts(flow_run_id=None):
@@ -31,8 +32,9 @@ def _artifacts(flow_run_id=None):
 def test_same_inputs_reuse_the_finished_stage(prefect_harness, store_uri, embeddings_key):
     @flow
     def twice():
-        a = train_task(store_uri, embeddings_key, "tiny", TINY, return_state=True)
-        b = train_task(store_uri, embeddings_key, "tiny", TINY, return_state=True)
+        inputs = run_inputs(store_uri, embeddings_key, TINY)
+        a = train_task(store_uri, embeddings_key, TINY, **inputs, return_state=True)
+        b = train_task(store_uri, embeddings_key, TINY, **inputs, return_state=True)
         return a, b
 
     a, b = twice()
@@ -43,13 +45,23 @@ def test_same_inputs_reuse_the_finished_stage(prefect_harness, store_uri, embedd
 
 
 def test_stage_flows_publish_metrics_and_report(prefect_harness, store_uri, embeddings_key):
-    from locdiff.flows.evaluate import evaluate_flow
-    from locdiff.flows.report import report_flow
-    from locdiff.flows.train import train_flow
+    from locdiff.flows.stages import evaluate_flow, report_flow, train_flow
 
-    run_key = train_flow(embeddings_key, "tiny", TINY, None, store_uri)
-    eval_key = evaluate_flow(run_key, embeddings_key, "test", "im2gps3k", ["most-common-region"], store_uri)
-    out = report_flow([eval_key], "flow test", [], store_uri)
+    run_key = train_flow(
+        storage=store_uri,
+        embeddings_key=embeddings_key,
+        config=TINY,
+        **run_inputs(store_uri, embeddings_key, TINY),
+    )
+    eval_key = evaluate_flow(
+        storage=store_uri,
+        run_key=run_key,
+        embeddings_key=embeddings_key,
+        split="test",
+        dataset="im2gps3k",
+        baselines=["most-common-region"],
+    )
+    out = report_flow(storage=store_uri, eval_keys=[eval_key], title="flow test")
     # published figures sit beside ours for a standard benchmark name
     assert any(r["source"] == "published" and r["method"] == "LocDiff (paper)" for r in out["rows"])
     keys = {a.key for a in _artifacts()}
@@ -59,9 +71,14 @@ def test_stage_flows_publish_metrics_and_report(prefect_harness, store_uri, embe
 
 def test_nightly_skips_absent_datasets_with_a_note(prefect_harness, store_uri, embeddings_key):
     from locdiff.flows.evaluate_latest import evaluate_latest
-    from locdiff.flows.train import train_flow
+    from locdiff.flows.stages import train_flow
 
-    run_key = train_flow(embeddings_key, "tiny", TINY, None, store_uri)
+    run_key = train_flow(
+        storage=store_uri,
+        embeddings_key=embeddings_key,
+        config=TINY,
+        **run_inputs(store_uri, embeddings_key, TINY),
+    )
     out = evaluate_latest(datasets=["yfcc26k", "gws15k"], run_key=run_key, storage=store_uri)
     assert out["evaluations"] == []
     assert [n.split(":")[0] for n in out["notes"]] == ["yfcc26k", "gws15k"]

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from locdiff.flows.tasks import evaluate_task, report_task, train_task
 from locdiff.storage import Store
-from locdiff.tasks.evaluate import evaluate_task
-from locdiff.tasks.report import report_task
-from locdiff.tasks.train import train_task
+from tests.flows.conftest import run_inputs, tiny_config
 
-TINY = {"train": {"max_steps": 60, "checkpoint_every": 20, "log_every": 20}}
+TINY = tiny_config(max_steps=60, checkpoint_every=20, log_every=20)
 
 
 @pytest.fixture(scope="module")
 def run_key(store_uri, embeddings_key):
-    return train_task.fn(store_uri, embeddings_key, "tiny", TINY)
+    return train_task.fn(store_uri, embeddings_key, TINY, **run_inputs(store_uri, embeddings_key, TINY))
 
 
 def test_train_commits_run_with_checkpoint_and_curves(store_uri, run_key):
@@ -32,25 +31,29 @@ def test_train_commits_run_with_checkpoint_and_curves(store_uri, run_key):
 def test_train_reuses_committed_run(store_uri, embeddings_key, run_key):
     store = Store.from_uri(store_uri)
     created = store.manifest(run_key)["created_at"]
-    assert train_task.fn(store_uri, embeddings_key, "tiny", TINY) == run_key
+    assert (
+        train_task.fn(store_uri, embeddings_key, TINY, **run_inputs(store_uri, embeddings_key, TINY))
+        == run_key
+    )
     assert store.manifest(run_key)["created_at"] == created
 
 
 def test_train_resumes_from_last_checkpoint_after_a_crash(store_uri, embeddings_key):
-    cfg = {"train": {"max_steps": 50, "checkpoint_every": 10, "log_every": 10, "seed": 3}}
+    cfg = tiny_config(max_steps=50, checkpoint_every=10, log_every=10, seed=3)
+    inputs = run_inputs(store_uri, embeddings_key, cfg)
     with pytest.raises(RuntimeError, match="stopped at step 30"):
-        train_task.fn(store_uri, embeddings_key, "tiny", cfg, None, 30)
-    key = train_task.fn(store_uri, embeddings_key, "tiny", cfg)
+        train_task.fn(store_uri, embeddings_key, cfg, **inputs, stop_after_steps=30)
+    key = train_task.fn(store_uri, embeddings_key, cfg, **inputs)
     man = Store.from_uri(store_uri).manifest(key)
     assert man["start_step"] == 30  # resumed, not restarted
     assert man["final_step"] == 50
 
 
-def test_bad_override_is_a_user_error(store_uri, embeddings_key):
+def test_bad_override_is_a_user_error():
     from locdiff.errors import UserError
 
     with pytest.raises(UserError, match="invalid training config"):
-        train_task.fn(store_uri, embeddings_key, "tiny", {"train": {"max_stepz": 1}})
+        tiny_config(max_stepz=1)
 
 
 def test_evaluate_and_report(store_uri, embeddings_key, run_key):

@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
+from locdiff_core.checkpoint import check_compatible, from_bytes, to_bytes
 from locdiff_core.config import get_preset
 from locdiff_core.sampling import Predictor
 from locdiff_core.sphere import haversine_km
-from locdiff_core.train import GeoEmbeddings, check_compatible, ema_decay_at, lr_at, train
+from locdiff_core.train import GeoEmbeddings, ema_decay_at, lr_at, train
 
 from ._data import location_embeddings
 
@@ -35,7 +36,7 @@ def test_resume_continues_exactly(loss):
     saved = []
     first = train(cfg, data, max_steps=5, checkpoint_callback=saved.append)
     assert first.step == 5 and saved[-1]["step"] == 5
-    ckpt = torch.load(_roundtrip(saved[-1]), weights_only=False)  # through torch.save like the task layer
+    ckpt = from_bytes(to_bytes(saved[-1]))  # through the safe (weights_only) format, like the stage layer
     resumed = train(cfg, data, resume_from=ckpt)
     assert resumed.step == straight.step == 12
     for part in ("model", "ema"):
@@ -47,15 +48,6 @@ def test_resume_continues_exactly(loss):
     assert not torch.equal(
         other.checkpoint["model"]["head.weight"], straight.checkpoint["model"]["head.weight"]
     )
-
-
-def _roundtrip(obj):
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return buf
 
 
 def test_checkpoint_from_other_config_is_refused_naming_fields():

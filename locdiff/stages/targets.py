@@ -1,14 +1,16 @@
-"""SHDD training targets: a cache of codes per embedding part (the default), or computed on the fly.
+"""SHDD training targets: a cache of codes per embedding part (the default), or computed per batch.
 
 Decision (measured by ``benchmarks/bench_targets.py`` on 2 CPU cores, 20 k gallery points, figures in
 docs/data.md): reading cached float32 codes back from Parquet is 5x faster than computing
 ``SHDD(L).encode`` at L = 16, 5x at L = 32 and 2x at L = 64, so the pipeline builds the cache once
-(:func:`build_targets`) and the trainer reads it (:func:`load_targets`, same row order as
-``locdiff.embed.load_embeddings``). float32, not float16: float16 halves the file but its conversion
+(:func:`build_targets`) and the trainer reads it (:func:`load_targets`, part by part, same row order
+as ``locdiff.stages.embeddings.load_embeddings``; ``locdiff.stages.runs`` checks the image ids agree).
+float32, not float16: float16 halves the file but its conversion
 back to float32 made reading 1.7-2.6x slower (at L = 64 no faster than computing) and it rounds codes
 to ~1e-3 relative. The cost is disk: (L+1)^2 * 4 bytes per image (17 KB at L = 64, i.e. 80 GB for
-MP16's 4.7 M images); at that scale, or on a GPU (not measured here: no GPU on this machine), call
-:func:`targets_for` per batch instead (``MODE`` documents the default; both give identical codes).
+MP16's 4.7 M images); at that scale, or on a GPU (not measured here: no GPU on this machine), set
+``train.targets="per_batch"``: the trainer encodes each batch's coordinates and the pipeline builds no
+cache (docs/data.md has the cost table).
 
 Artifact ``targets/<dataset>/L<L>/<hash>``: ``parts/part-xxxxx.parquet`` (image_id, code
 fixed_size_list<float32>[(L+1)^2], split) — one per embedding part, same row order.
@@ -22,11 +24,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from locdiff.storage import ArtifactWriter, Store
+from locdiff.stages import get_or_build
+from locdiff.storage import ArtifactWriter, Key, Store
 
 STAGE = "targets"
-VERSION = "1"
-MODE = "cache"  # the measured default (module docstring); "on_the_fly" = targets_for per batch
 _DTYPES = {"float32": (pa.float32(), np.float32), "float16": (pa.float16(), np.float16)}
 
 
@@ -65,8 +66,10 @@ def write_codes(
     w.commit_part(relpath, rows=n)
 
 
-def read_codes(store: Store, key: str, relpath: str, split: str | None = None) -> torch.Tensor:
-    """Codes of one part as a float32 tensor ``[N, D]`` (optionally one split)."""
+def read_codes(
+    store: Store, key: str, relpath: str, split: str | None = None
+) -> tuple[list[str], torch.Tensor]:
+    """(image_ids, codes float32 ``[N, D]``) of one part (optionally one split), in one read."""
     with store.open(key, relpath) as f:
         t = pq.read_table(f)
     if split is not None:
@@ -74,22 +77,19 @@ def read_codes(store: Store, key: str, relpath: str, split: str | None = None) -
     col = t["code"].combine_chunks()
     d = col.type.list_size
     flat = col.flatten().to_numpy(zero_copy_only=False)
-    return torch.from_numpy(np.array(flat, dtype=np.float32).reshape(t.num_rows, d))
+    codes = np.array(flat, dtype=np.float32).reshape(t.num_rows, d)  # a writable copy
+    return t["image_id"].to_pylist(), torch.from_numpy(codes)
 
 
 def build_targets(store: Store, embeddings_key: str, max_degree: int, dtype: str = "float32") -> str:
     """Cache SHDD codes for every embedding part (same parts, same row order); returns the key."""
-    from locdiff.embed import embedding_parts
+    from locdiff.stages.embeddings import embedding_parts
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    man = store.manifest(embeddings_key)
-    dataset = man.get("name", "dataset").split("/")[0]
     cfg = {"max_degree": int(max_degree), "dtype": dtype, "embeddings": embeddings_key}
-    key = store.key(STAGE, f"{dataset}/L{int(max_degree)}", VERSION, cfg, [embeddings_key])
-    if store.exists(key):
-        return key
-    with store.writer(key, config=cfg, upstream=[embeddings_key]) as w:
+
+    def build(w: ArtifactWriter) -> None:
         for rel in embedding_parts(store, embeddings_key):
             if w.part_done(rel):
                 continue
@@ -97,18 +97,18 @@ def build_targets(store: Store, embeddings_key: str, max_degree: int, dtype: str
             codes = targets_for(t["lat"].to_numpy(), t["lon"].to_numpy(), max_degree, torch.float64)
             write_codes(w, rel, t["image_id"].to_pylist(), codes.float(), dtype, t["split"].to_pylist())
         w.set(max_degree=int(max_degree), dim=(int(max_degree) + 1) ** 2, code_dtype=dtype)
-    return key
+
+    name = f"{Key.parse(embeddings_key).head}/L{int(max_degree)}"
+    return get_or_build(store, STAGE, name, cfg, [embeddings_key], build)
 
 
 def load_targets(store: Store, key: str, split: str | None = None) -> tuple[list[str], torch.Tensor]:
-    """(image_ids, codes float32 [N, D]) of a target cache, in embedding order."""
+    """(image_ids, codes float32 [N, D]) of a target cache, streamed part by part in embedding order."""
     ids: list[str] = []
     parts = []
     for rel in sorted(f for f in store.files(key) if f.startswith("parts/")):
-        t = store.read_table(key, rel, columns=["image_id", "split"])
-        if split is not None:
-            t = t.filter(pc.equal(t["split"], split))
-        ids.extend(t["image_id"].to_pylist())
-        parts.append(read_codes(store, key, rel, split))
+        part_ids, codes = read_codes(store, key, rel, split)
+        ids.extend(part_ids)
+        parts.append(codes)
     d = (int(store.manifest(key)["max_degree"]) + 1) ** 2
     return ids, torch.cat(parts) if parts else torch.zeros(0, d)

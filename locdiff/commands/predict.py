@@ -3,68 +3,43 @@ checkpoint. Used by `locdiff predict`."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
 from locdiff.errors import UserError
-from locdiff.tasks.common import open_store
+from locdiff.storage import Store
 
 
-def split_encoder(spec: str) -> tuple[str, str | None]:
-    """'ViT-L-14/openai' -> ('ViT-L-14', 'openai'); 'efficientnet-lite0' -> ('efficientnet-lite0', None)."""
-    name, _, pretrained = spec.partition("/")
-    return name, (pretrained or None)
-
-
-def encoder_spec(manifest: dict) -> str | None:
-    """Encoder spec ('NAME', 'NAME/PRETRAINED' or 'NAME@CHECKPOINT') of an embeddings manifest."""
-    enc = manifest.get("encoder") or (manifest.get("config") or {}).get("encoder")
-    if isinstance(enc, str) or enc is None:
-        return enc
-    name, weights = enc.get("name"), str(enc.get("weights") or "")
-    if weights.startswith("open_clip:"):
-        return f"{name}/{weights.split(':', 1)[1]}"
-    if weights.startswith("file:"):
-        return f"{name}@{weights.split(':', 1)[1]}"
-    return name
-
-
-def encoder_kwargs(spec: str) -> dict:
-    """'ViT-L-14/openai' -> encoder_name + pretrained; 'NAME@PATH' -> encoder_name + checkpoint."""
-    if "@" in spec:
-        name, ckpt = spec.split("@", 1)
-        return {"encoder_name": name, "checkpoint": ckpt}
-    name, pretrained = split_encoder(spec)
-    return {"encoder_name": name, "pretrained": pretrained}
-
-
-def _checkpoint_and_encoder(checkpoint: str | None, storage: str | None) -> tuple[dict, str | None]:
-    import torch
+def _predictor_and_encoder(checkpoint: str | None, storage: str | None):
+    """(Predictor, encoder spec or None) of a checkpoint file or a run in the store (default: newest)."""
+    from locdiff.stages import runs
+    from locdiff_core.checkpoint import CheckpointError, from_bytes
+    from locdiff_core.sampling import Predictor
 
     if checkpoint and Path(checkpoint).is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        return state, None
-    store = open_store(storage)
+        try:
+            state = from_bytes(Path(checkpoint).read_bytes(), source=f"checkpoint file {checkpoint}")
+        except CheckpointError as exc:
+            raise UserError(str(exc), "pass a model.pt written by locdiff, or a run key") from None
+        return Predictor.from_checkpoint(state, device="cpu"), None
+    store = Store.from_uri(storage)
     run_key = checkpoint or store.latest("runs")
     if run_key is None:
         raise UserError(
             "no trained run in the store", "run `locdiff demo` first, or pass --checkpoint FILE.pt"
         )
     try:
-        man = store.manifest(run_key)
+        store.manifest(run_key)
     except ValueError:
         raise UserError(
             f"--checkpoint {checkpoint!r} is neither a file nor a run key", "e.g. runs/NAME/HASH"
         ) from None
-    with store.open(run_key, "model.pt") as f:
-        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
-    encoder = None
-    emb_key = man.get("embeddings")
-    if emb_key and store.exists(emb_key):
-        encoder = encoder_spec(store.manifest(emb_key))
-    return state, encoder
+    try:
+        encoder = runs.run_encoder(store, run_key)
+    except UserError:
+        encoder = None
+    return runs.load_predictor(store, run_key, device="cpu"), encoder
 
 
 def predict_images(
@@ -79,10 +54,9 @@ def predict_images(
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from locdiff.encoders import load_encoder
-    from locdiff_core.sampling import Predictor
+    from locdiff.encoders import encoder_kwargs, load_encoder
 
-    state, run_encoder = _checkpoint_and_encoder(checkpoint, storage)
+    predictor, run_encoder = _predictor_and_encoder(checkpoint, storage)
     enc_spec = encoder or run_encoder
     if not enc_spec:
         raise UserError(
@@ -90,7 +64,6 @@ def predict_images(
         )
     kw = encoder_kwargs(enc_spec)
     enc = load_encoder(kw["encoder_name"], pretrained=kw.get("pretrained"), checkpoint=kw.get("checkpoint"))
-    predictor = Predictor.from_checkpoint(state, device="cpu")
     if enc.dim != predictor.embed_dim:
         raise UserError(
             f"encoder {enc_spec!r} gives {enc.dim}-d features but the model takes {predictor.embed_dim}-d",
@@ -127,7 +100,7 @@ def predictions_map_png(results: list[dict], labels: list[str]) -> bytes:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from locdiff.report import _png, blue_marble
+    from locdiff.report import blue_marble, png_bytes
 
     fig, ax = plt.subplots(figsize=(10, 5.2), dpi=90)
     ax.imshow(blue_marble(), extent=(-180, 180, -90, 90), origin="upper")
@@ -143,6 +116,6 @@ def predictions_map_png(results: list[dict], labels: list[str]) -> bytes:
     ax.set_xlim(-180, 180)
     ax.set_ylim(-90, 90)
     ax.set_title("predictions (x) and modes (circles, size ~ mass)", fontsize=10)
-    png = _png(fig)
+    png = png_bytes(fig)
     plt.close(fig)
     return png

@@ -1,6 +1,7 @@
 """Embedding extraction: a dataset artifact's images -> frozen-encoder features, one part per shard.
 
-``embed_dataset(store, dataset_key, encoder_name=…)`` writes ``embeddings/<dataset>/<encoder>/<hash>``::
+``embed_dataset(store, dataset_key, encoder_name=…)`` builds (or reuses) and :func:`load_embeddings`
+reads ``embeddings/<dataset>/<encoder>/<hash>``::
 
     parts/part-00000.parquet     image_id, embedding, lat, lon, split   (one per input tar shard)
     skipped/part-00000.parquet   image_id, reason                       (images that did not decode)
@@ -37,10 +38,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from locdiff.datasets import shards as ds
 from locdiff.encoders import OFFLINE_ENCODER, Encoder, load_encoder
-from locdiff.storage import ArtifactWriter, Store
+from locdiff.stages import get_or_build, stage_key
+from locdiff.storage import ArtifactWriter, Key, Store
 
 STAGE = "embeddings"
-VERSION = "1"
 PART_DIR = "parts"
 SKIP_DIR = "skipped"
 MAX_SKIPPED_LISTED = 1000
@@ -165,10 +166,13 @@ def embedding_config(encoder: Encoder, dataset_key: str) -> dict:
     return {"dataset": dataset_key, "encoder": encoder.config(), "precision": precision, "dtype": "float16"}
 
 
+def _artifact_name(dataset_key: str, encoder: Encoder) -> str:
+    return f"{Key.parse(dataset_key).name}/{re.sub(r'[^A-Za-z0-9_.=-]+', '_', encoder.name)}"
+
+
 def embedding_key(store: Store, dataset_key: str, encoder: Encoder) -> str:
-    dataset_name = store.manifest(dataset_key).get("name") or dataset_key.split("/")[1]
-    name = f"{dataset_name}/{re.sub(r'[^A-Za-z0-9_.=-]+', '_', encoder.name)}"
-    return store.key(STAGE, name, VERSION, embedding_config(encoder, dataset_key), [dataset_key])
+    cfg = embedding_config(encoder, dataset_key)
+    return stage_key(store, STAGE, _artifact_name(dataset_key, encoder), cfg, [dataset_key])
 
 
 @dataclass
@@ -204,24 +208,23 @@ def embed_dataset(
     key = embedding_key(store, dataset_key, enc)
     if store.exists(key):
         return key
-    plan, table = _plan(store, dataset_key)
-    meta = {
-        iid: (la, lo, sp)
-        for iid, la, lo, sp in zip(
-            table["image_id"].to_pylist(),
-            table["lat"].to_pylist(),
-            table["lon"].to_pylist(),
-            table["split"].to_pylist(),
-            strict=True,
-        )
-    }
-    total = table.num_rows
-    stats = EmbedStats(parts_total=len(plan))
-    t0 = time.perf_counter()
-    sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
-    with store.writer(
-        key, config=embedding_config(enc, dataset_key), upstream=[dataset_key], resume=True
-    ) as w:
+
+    def build(w: ArtifactWriter) -> None:
+        plan, table = _plan(store, dataset_key)
+        meta = {
+            iid: (la, lo, sp)
+            for iid, la, lo, sp in zip(
+                table["image_id"].to_pylist(),
+                table["lat"].to_pylist(),
+                table["lon"].to_pylist(),
+                table["split"].to_pylist(),
+                strict=True,
+            )
+        }
+        total = table.num_rows
+        stats = EmbedStats(parts_total=len(plan))
+        t0 = time.perf_counter()
+        sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
         todo = []
         for sh in plan:
             if w.part_done(part_relpath(sh.index)) and w.part_done(skipped_relpath(sh.index)):
@@ -259,7 +262,8 @@ def embed_dataset(
                         time.sleep(sleep)
         skipped = []
         for sh in plan:
-            skipped.extend(_read_part(w, skipped_relpath(sh.index)).to_pylist())
+            with w.open_part(skipped_relpath(sh.index)) as f:
+                skipped.extend(pq.read_table(f).to_pylist())
         stats.skipped = skipped
         stats.seconds = time.perf_counter() - t0
         w.set(
@@ -273,7 +277,9 @@ def embed_dataset(
             parts_reused=stats.parts_reused,
             seconds=round(stats.seconds, 3),
         )
-    return key
+
+    cfg = embedding_config(enc, dataset_key)
+    return get_or_build(store, STAGE, _artifact_name(dataset_key, enc), cfg, [dataset_key], build)
 
 
 def _write_part(w: ArtifactWriter, index: int, a: dict, meta: dict, dim: int) -> None:
@@ -300,13 +306,6 @@ def _write_part(w: ArtifactWriter, index: int, a: dict, meta: dict, dim: int) ->
     w.commit_part(part_relpath(index), rows=len(ids))
 
 
-def _read_part(w: ArtifactWriter, relpath: str) -> pa.Table:
-    """A part committed by this writer or an earlier attempt (the store keeps where it lies)."""
-    entry = w._parts[relpath]  # noqa: SLF001 - same use as locdiff.datasets.shards
-    with w.store.fs.open(w.store._p(w.key, entry["path"]), "rb") as f:  # noqa: SLF001
-        return pq.read_table(f)
-
-
 # --------------------------------------------------------------------------------------------- loading
 def embedding_parts(store: Store, key: str) -> list[str]:
     return [f for f in store.files(key) if f.startswith(PART_DIR + "/") and f.endswith(".parquet")]
@@ -321,17 +320,17 @@ def load_embeddings(
     """
     dim = int(store.manifest(key)["dim"])
     splits = None if split is None else ({split} if isinstance(split, str) else set(split))
-    tables = []
+    tables, present = [], set()
     for rel in embedding_parts(store, key):
         t = store.read_table(key, rel)
         if splits is not None:
-            mask = np.isin(np.asarray(t["split"].to_pylist(), dtype=object), list(splits))
-            t = t.filter(pa.array(mask))
+            names = np.asarray(t["split"].to_pylist(), dtype=object)
+            present.update(names.tolist())
+            t = t.filter(pa.array(np.isin(names, list(splits))))
         tables.append(t)
     t = pa.concat_tables(tables) if tables else embedding_schema(dim).empty_table()
     if splits is not None and t.num_rows == 0:
-        present = sorted(set(store.manifest(store.manifest(key)["dataset"]).get("splits", {})))
-        raise ValueError(f"no embeddings of split(s) {sorted(splits)} in {key}; the dataset has {present}")
+        raise LookupError(f"no embeddings of split(s) {sorted(splits)} in {key}; it has {sorted(present)}")
     flat = t["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
     emb = torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(t.num_rows, dim))
     lat = torch.from_numpy(t["lat"].to_numpy().astype(np.float64))

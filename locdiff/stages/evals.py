@@ -1,6 +1,7 @@
-"""The evaluation task: predict a split of an embeddings artifact with a trained run, plus baselines.
+"""Evaluations: predict a split of an embeddings artifact with a trained run, plus baselines.
 
-Writes ``eval/<run name>/<dataset>/<hash>`` with ``predictions.parquet`` (one row per method and image:
+Writes ``eval/<run name>/<dataset>/<hash>`` (upstream: the run, the embeddings, and the anchor set the
+run's decoder searches) with ``predictions.parquet`` (one row per method and image:
 true and predicted lat/lon, distance, score, top-k modes with their mass) and ``metrics.parquet`` (one
 row per method: accuracy at 1/25/200/750/2500 km, median/mean km, GeoScore, n); the manifest carries the
 metrics too.
@@ -8,10 +9,14 @@ metrics too.
 
 from __future__ import annotations
 
-import numpy as np
-from prefect import task
+from collections.abc import Callable
 
-from locdiff.tasks.common import STAGE_VERSIONS, Progress, open_store, stage_cache
+import numpy as np
+
+from locdiff.stages import get_or_build
+from locdiff.storage import Key, Store
+
+STAGE = "eval"
 
 # our method names -> locdiff_core.baselines kinds
 _BASELINE_KINDS = {
@@ -43,28 +48,25 @@ def _baseline_predictions(kind: str, store, train_emb_key: str, emb: np.ndarray)
     """Train (cheaply) one of locdiff_core.baselines on the run's training split and predict `emb`."""
     import torch
 
-    from locdiff.tasks.data_io import load_embeddings
+    from locdiff.stages.runs import load_geo
     from locdiff_core.baselines import train_baseline
 
-    train_data = load_embeddings(store, train_emb_key, "train")
+    train_data = load_geo(store, train_emb_key, "train")
     model = train_baseline(_BASELINE_KINDS[kind], train_data)
     with torch.no_grad():
         lat, lon = model.predict(torch.from_numpy(emb))
     return {"pred_lat": lat.double().numpy(), "pred_lon": lon.double().numpy(), "score": np.ones(len(emb))}
 
 
-def _predict_locdiff(checkpoint: dict, emb: np.ndarray, seed: int = 0, progress=None):
+def _predict_locdiff(predictor, emb: np.ndarray, seed: int = 0, progress=None):
     import torch
 
-    from locdiff_core.sampling import Predictor
-
-    pred = Predictor.from_checkpoint(checkpoint, device="cpu" if not torch.cuda.is_available() else None)
     gen = torch.Generator().manual_seed(seed)
-    chunk = max(1, pred.config.infer.batch_size)
+    chunk = max(1, predictor.config.infer.batch_size)
     outs = []
     emb_t = torch.from_numpy(emb)
     for i in range(0, len(emb), chunk):
-        outs.append(pred.predict(emb_t[i : i + chunk], generator=gen))
+        outs.append(predictor.predict(emb_t[i : i + chunk], generator=gen))
         if progress:
             progress(min(i + chunk, len(emb)), len(emb))
     cat = lambda name: torch.cat([getattr(o, name).detach().cpu() for o in outs]).numpy()  # noqa: E731
@@ -79,44 +81,51 @@ def _predict_locdiff(checkpoint: dict, emb: np.ndarray, seed: int = 0, progress=
 
 
 def evaluate_run(
-    storage: str | None,
+    store: Store,
     run_key: str,
     embeddings_key: str,
+    *,
     split: str | None = "test",
     dataset: str | None = None,
     baselines: list[str] | tuple[str, ...] = BASELINES,
     seed: int = 0,
+    progress: Callable[[float, float], None] | None = None,
 ) -> str:
-    """Evaluate a committed run on one split of an embeddings artifact; returns the eval key."""
-    import pyarrow as pa
-    import torch
-
-    from locdiff.tasks.data_io import load_table
-    from locdiff.tasks.train import load_checkpoint
-    from locdiff_core.metrics import geolocation_metrics
-    from locdiff_core.sphere import haversine_km
+    """Evaluate a committed run on one split (None: every row) of an embeddings artifact; returns the key."""
+    from locdiff.stages.embeddings import load_embeddings
+    from locdiff.stages.runs import load_predictor
 
     unknown = sorted(set(baselines) - set(_BASELINE_KINDS))
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; allowed: {sorted(_BASELINE_KINDS)}")
-    store = open_store(storage)
     run_man = store.manifest(run_key)
-    dataset = dataset or embeddings_key.split("/")[1].split("/")[0]
-    run_name = run_man.get("run_name") or run_key.split("/")[1]
+    dataset = dataset or Key.parse(embeddings_key).head
+    run_name = run_man.get("run_name") or Key.parse(run_key).name
     cfg = {"split": split, "dataset": dataset, "baselines": list(baselines), "seed": seed}
-    key = store.key(
-        "eval", f"{run_name}/{dataset}", STAGE_VERSIONS["evaluate"], cfg, [run_key, embeddings_key]
-    )
-    if store.exists(key):
-        return key
+    decoder_anchors = (run_man.get("anchors") or {}).get("uniform")
+    upstream = [run_key, embeddings_key, *([decoder_anchors] if decoder_anchors else [])]
 
-    ids, emb, lat, lon = load_table(store, embeddings_key, split)
-    ckpt = load_checkpoint(storage, run_key)
-    bar = Progress("evaluate", f"evaluating {run_name} on {dataset}/{split or 'all'}")
-    methods: dict[str, dict[str, np.ndarray]] = {"locdiff": _predict_locdiff(ckpt, emb, seed, bar)}
-    train_emb_key = run_man.get("embeddings") or embeddings_key
-    for kind in baselines:
-        methods[kind] = _baseline_predictions(kind, store, train_emb_key, emb)
+    def build(w) -> None:
+        ids, emb_t, lat_t, lon_t = load_embeddings(store, embeddings_key, split)
+        emb, lat, lon = emb_t.numpy(), lat_t.numpy(), lon_t.numpy()
+        predictor = load_predictor(store, run_key)
+        methods: dict[str, dict[str, np.ndarray]] = {
+            "locdiff": _predict_locdiff(predictor, emb, seed, progress)
+        }
+        train_emb_key = run_man.get("embeddings") or embeddings_key
+        for kind in baselines:
+            methods[kind] = _baseline_predictions(kind, store, train_emb_key, emb)
+        _write(w, run_key, dataset, split, ids, lat, lon, methods)
+
+    return get_or_build(store, STAGE, f"{run_name}/{dataset}", cfg, upstream, build)
+
+
+def _write(w, run_key, dataset, split, ids, lat, lon, methods) -> None:
+    import pyarrow as pa
+    import torch
+
+    from locdiff_core.metrics import geolocation_metrics
+    from locdiff_core.sphere import haversine_km
 
     pred_tables, metric_rows = [], []
     t_lat, t_lon = torch.from_numpy(lat), torch.from_numpy(lon)
@@ -149,18 +158,6 @@ def evaluate_run(
             cols["modes_mass"] = [[] for _ in ids]
         pred_tables.append(pa.table(cols, schema=PREDICTIONS_SCHEMA))
 
-    with store.writer(key, config=cfg, upstream=[run_key, embeddings_key]) as w:
-        w.write_table("predictions.parquet", pa.concat_tables(pred_tables))
-        w.write_table("metrics.parquet", pa.Table.from_pylist(metric_rows))
-        w.set(metrics={r["method"]: {k: v for k, v in r.items() if k not in ("run",)} for r in metric_rows})
-    bar.done()
-    return key
-
-
-evaluate_task = task(
-    evaluate_run,
-    name="evaluate",
-    cache_policy=stage_cache("evaluate"),
-    persist_result=True,
-    timeout_seconds=6 * 3600,
-)
+    w.write_table("predictions.parquet", pa.concat_tables(pred_tables))
+    w.write_table("metrics.parquet", pa.Table.from_pylist(metric_rows))
+    w.set(metrics={r["method"]: {k: v for k, v in r.items() if k not in ("run",)} for r in metric_rows})

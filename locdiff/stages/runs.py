@@ -1,0 +1,267 @@
+"""Training runs: resumable LocDiff training whose checkpoints live in the store.
+
+``runs/<name>/<hash>``: the key hashes the resolved config and the upstream artifacts it reads — the
+embeddings, the SHDD target cache (unless ``train.targets="per_batch"``) and the anchor sets (the
+uniform set the decoder and the SHDD-KL loss use, and the data set the loss draws the photo distribution
+from) — so re-running after a crash lands on the same run. Every periodic checkpoint is a committed
+*part* of the (not yet committed) run and survives the crash; the next attempt resumes from the newest.
+The committed run holds ``model.pt`` (the last checkpoint), ``curves.json``/``curves.parquet`` and the
+manifest fields ``start_step``, ``final_step``, ``embeddings``, ``targets``, ``anchors``.
+
+Checkpoints are read only through ``locdiff_core.checkpoint.from_bytes`` (``weights_only`` loading): a
+file in the store cannot run code, whoever put it there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from locdiff.errors import UserError
+from locdiff.stages import stage_key
+from locdiff.storage import Key, Store
+from locdiff_core.config import LocDiffConfig
+
+STAGE = "runs"
+CHECKPOINT_DIR = "checkpoints"
+MODEL_FILE = "model.pt"
+
+
+def checkpoint_relpath(step: int) -> str:
+    return f"{CHECKPOINT_DIR}/step-{int(step):09d}.pt"
+
+
+def resolve_config(preset: str, overrides: dict | None = None, embed_dim: int | None = None) -> LocDiffConfig:
+    """The preset with user overrides (nested dicts) and, when known, the data's embedding width."""
+    from locdiff_core.config import get_preset
+
+    overrides = dict(overrides or {})
+    if embed_dim is not None:
+        overrides["embed_dim"] = int(embed_dim)
+    try:
+        return get_preset(preset, **overrides)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"invalid training config: {exc}", "check the preset name and overrides") from None
+
+
+def anchor_roles(config: LocDiffConfig) -> tuple[str, ...]:
+    """The anchor sets a run of this config reads: the decoder's uniform set, plus the data set when the
+    SHDD-KL loss draws photo-distribution anchors."""
+    kl = config.loss.kind != "mse"
+    return ("uniform", "data") if kl and config.loss.n_data_anchors else ("uniform",)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_geo(store: Store, embeddings_key: str, split: str, targets_key: str | None = None):
+    """One split as ``GeoEmbeddings`` (with the cached codes of ``targets_key`` when given)."""
+    import torch
+
+    from locdiff.stages.embeddings import load_embeddings
+    from locdiff.stages.targets import load_targets
+    from locdiff_core.train import GeoEmbeddings
+
+    ids, emb, lat, lon = load_embeddings(store, embeddings_key, split)
+    codes = None
+    if targets_key is not None:
+        code_ids, codes = load_targets(store, targets_key, split)
+        if code_ids != ids:
+            raise ValueError(
+                f"target cache {targets_key} is not aligned with {embeddings_key} on split {split!r} "
+                f"({len(code_ids)} vs {len(ids)} rows); rebuild the cache"
+            )
+    return GeoEmbeddings(emb, lat.to(torch.float64), lon.to(torch.float64), codes)
+
+
+def anchor_pools(store: Store, anchors: dict[str, str], train_data):
+    """``AnchorPools`` for SHDD-KL from the run's anchor-set artifacts."""
+    from locdiff.stages.anchors import load_anchor_set
+    from locdiff_core.train import AnchorPools
+
+    ulat, ulon = load_anchor_set(store, anchors["uniform"])
+    if anchors.get("data"):
+        dlat, dlon = load_anchor_set(store, anchors["data"])
+    else:
+        dlat, dlon = train_data.lat_deg, train_data.lon_deg
+    return AnchorPools(ulat, ulon, dlat, dlon)
+
+
+def load_checkpoint(store: Store, run_key: str, relpath: str = MODEL_FILE) -> dict:
+    """A checkpoint of a run, loaded safely (``weights_only``); a bad file is a one-line error."""
+    from locdiff_core.checkpoint import CheckpointError, from_bytes
+
+    with store.open(run_key, relpath) as f:
+        data = f.read()
+    try:
+        return from_bytes(data, source=f"artifact {run_key}, file {relpath}")
+    except CheckpointError as exc:
+        raise UserError(str(exc), "delete the artifact and retrain, or restore it from a backup") from None
+
+
+def load_predictor(store: Store, run_key: str, device: str | None = None):
+    """A ``Predictor`` from the run's EMA weights, decoding on the run's own anchor set."""
+    from locdiff.stages.anchors import anchor_grid
+    from locdiff_core.sampling import Predictor
+
+    ckpt = load_checkpoint(store, run_key)
+    anchors = (store.manifest(run_key).get("anchors") or {}).get("uniform")
+    predictor = Predictor.from_checkpoint(ckpt, device=device)
+    if anchors:
+        predictor.anchors = anchor_grid(store, anchors, predictor.config.max_degree)
+    return predictor
+
+
+def _latest_part(store: Store, writer, key: str, max_steps: int, every: int) -> tuple[int, dict] | None:
+    """(step, checkpoint) of the newest checkpoint part an earlier attempt committed, if any."""
+    from locdiff_core.checkpoint import CheckpointError, from_bytes
+
+    if every <= 0:
+        return None
+    for step in range((max_steps // every) * every, 0, -every):
+        rel = checkpoint_relpath(step)
+        if writer.part_done(rel):
+            with writer.open_part(rel) as f:
+                data = f.read()
+            try:
+                return step, from_bytes(data, source=f"checkpoint part {rel} of {key}")
+            except CheckpointError as exc:
+                raise UserError(
+                    str(exc), f"the run cannot resume from it: delete {store.url}/{key} to start over"
+                ) from None
+    return None
+
+
+# ------------------------------------------------------------------------------------------ the stage
+def train_run(
+    store: Store,
+    embeddings_key: str,
+    config: LocDiffConfig,
+    *,
+    targets_key: str | None = None,
+    anchors: dict[str, str] | None = None,
+    name: str | None = None,
+    preset: str | None = None,
+    stop_after_steps: int | None = None,
+    progress: Callable[[float, float], None] | None = None,
+    log: logging.Logger | None = None,
+) -> str:
+    """Train (or resume, or reuse) a LocDiff run on the train/val splits of an embeddings artifact.
+
+    ``targets_key``: the SHDD target cache to read x₀ from (required unless ``train.targets`` is
+    ``per_batch``); ``anchors``: ``{"uniform": key, "data": key}`` anchor-set artifacts (see
+    :func:`anchor_roles`). Returns the run key. ``stop_after_steps`` (testing aid) stops the attempt
+    early without committing.
+    """
+    from locdiff_core.checkpoint import to_bytes
+    from locdiff_core.train import train
+
+    log = log or logging.getLogger("locdiff.runs")
+    tc = config.train
+    if tc.targets == "cache" and targets_key is None:
+        raise ValueError("train.targets='cache' needs the target cache's key (targets_key)")
+    if tc.targets == "per_batch":
+        targets_key = None
+    anchors = {r: anchors[r] for r in anchor_roles(config)} if anchors else {}
+    cfg = config.to_dict()
+    upstream = [embeddings_key, *([targets_key] if targets_key else []), *anchors.values()]
+    run_name = name or f"{Key.parse(embeddings_key).head}-{preset or 'custom'}"
+    key = stage_key(store, STAGE, run_name, cfg, upstream)
+    if store.exists(key):
+        log.info("run %s is committed already; reusing it", key)
+        return key
+
+    train_data = load_geo(store, embeddings_key, "train", targets_key)
+    if train_data.embed_dim != config.embed_dim:
+        raise UserError(
+            f"{embeddings_key} holds {train_data.embed_dim}-d embeddings, the config says "
+            f"embed_dim={config.embed_dim}",
+            "resolve the config with the embeddings' width (resolve_config(..., embed_dim=...))",
+        )
+    try:
+        val_data = load_geo(store, embeddings_key, "val")
+    except LookupError:
+        val_data = None
+    pools = anchor_pools(store, anchors, train_data) if "uniform" in anchors else None
+
+    with store.writer(key, config=cfg, upstream=upstream, resume=True) as w:
+        found = _latest_part(store, w, key, tc.max_steps, tc.checkpoint_every)
+        start_step, resume = (found[0], found[1]) if found else (0, None)
+        if resume is not None:
+            log.info("resuming run %s from checkpoint at step %d", key, start_step)
+        else:
+            log.info("starting run %s from step 0 (%d steps)", key, tc.max_steps)
+        if progress:
+            progress(start_step, tc.max_steps)
+
+        def save(ckpt: dict) -> None:
+            if ckpt["step"] >= tc.max_steps:
+                return  # the final one is written as model.pt below
+            rel = checkpoint_relpath(ckpt["step"])
+            w.write_bytes(rel, to_bytes(ckpt))
+            w.commit_part(rel)
+
+        def on_event(event: dict) -> None:
+            if event.get("event") == "train":
+                if progress:
+                    progress(event["step"], tc.max_steps)
+                log.info("step %d loss %.4f lr %.2e", event["step"], event["loss"], event["lr"])
+            elif event.get("event") == "val":
+                log.info("step %d val median %.0f km", event["step"], event.get("median_km", float("nan")))
+
+        result = train(
+            config,
+            train_data,
+            val_data,
+            checkpoint_callback=save,
+            resume_from=resume,
+            progress=on_event,
+            max_steps=stop_after_steps,
+            anchor_pools=pools,
+        )
+        if result.step < tc.max_steps:
+            raise RuntimeError(f"training stopped at step {result.step} of {tc.max_steps} (stop_after_steps)")
+        w.write_bytes(MODEL_FILE, to_bytes(result.checkpoint))
+        w.write_bytes("curves.json", json.dumps(result.curves).encode())
+        w.write_table("curves.parquet", curves_table(result.curves))
+        w.set(
+            start_step=start_step,
+            final_step=result.step,
+            preset=preset,
+            run_name=run_name,
+            embeddings=embeddings_key,
+            targets=targets_key,
+            anchors=anchors,
+            val_metrics=result.val_metrics,
+        )
+    return key
+
+
+def curves_table(curves: dict):
+    """Training curves in long form (step, metric, value), metric "<curve>/<name>" (view `curves`)."""
+    import pyarrow as pa
+
+    rows = []
+    for curve, entries in curves.items():
+        for e in entries:
+            for metric, value in e.items():
+                if metric != "step" and isinstance(value, int | float) and np.isfinite(value):
+                    rows.append(
+                        {"step": int(e["step"]), "metric": f"{curve}/{metric}", "value": float(value)}
+                    )
+    schema = pa.schema([("step", pa.int64()), ("metric", pa.string()), ("value", pa.float64())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def run_encoder(store: Store, run_key: str) -> str:
+    """The encoder spec of the embeddings the run was trained on."""
+    from locdiff.encoders import encoder_spec
+
+    emb_key = store.manifest(run_key).get("embeddings")
+    if not emb_key:
+        raise UserError(f"{run_key}: the run's manifest does not name its embeddings", "retrain it")
+    enc = encoder_spec(store.manifest(emb_key))
+    if not enc:
+        raise UserError(f"{emb_key}: the embeddings manifest does not name its encoder", "re-embed")
+    return enc
