@@ -58,28 +58,6 @@ def _baseline_predictions(kind: str, store, train_emb_key: str, emb: np.ndarray)
     return {"pred_lat": lat.double().numpy(), "pred_lon": lon.double().numpy(), "score": np.ones(len(emb))}
 
 
-def _predict_locdiff(predictor, emb: np.ndarray, seed: int = 0, progress=None):
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    chunk = max(1, predictor.config.infer.batch_size)
-    outs = []
-    emb_t = torch.from_numpy(emb)
-    for i in range(0, len(emb), chunk):
-        outs.append(predictor.predict(emb_t[i : i + chunk], generator=gen))
-        if progress:
-            progress(min(i + chunk, len(emb)), len(emb))
-    cat = lambda name: torch.cat([getattr(o, name).detach().cpu() for o in outs]).numpy()  # noqa: E731
-    return {
-        "pred_lat": cat("lat_deg"),
-        "pred_lon": cat("lon_deg"),
-        "score": cat("score"),
-        "modes_lat": cat("modes_lat_deg"),
-        "modes_lon": cat("modes_lon_deg"),
-        "modes_mass": cat("modes_mass"),
-    }
-
-
 def evaluate_run(
     store: Store,
     run_key: str,
@@ -93,7 +71,7 @@ def evaluate_run(
 ) -> str:
     """Evaluate a committed run on one split (None: every row) of an embeddings artifact; returns the key."""
     from locdiff.stages.embeddings import load_embeddings
-    from locdiff.stages.runs import load_predictor
+    from locdiff.stages.runs import load_predictor, predict_embeddings
 
     unknown = sorted(set(baselines) - set(_BASELINE_KINDS))
     if unknown:
@@ -110,7 +88,7 @@ def evaluate_run(
         emb, lat, lon = emb_t.numpy(), lat_t.numpy(), lon_t.numpy()
         predictor = load_predictor(store, run_key)
         methods: dict[str, dict[str, np.ndarray]] = {
-            "locdiff": _predict_locdiff(predictor, emb, seed, progress)
+            "locdiff": predict_embeddings(predictor, emb, seed, progress)
         }
         train_emb_key = run_man.get("embeddings") or embeddings_key
         for kind in baselines:

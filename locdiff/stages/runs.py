@@ -113,6 +113,31 @@ def load_predictor(store: Store, run_key: str, device: str | None = None):
     return predictor
 
 
+def predict_embeddings(predictor, emb: np.ndarray, seed: int = 0, progress=None) -> dict[str, np.ndarray]:
+    """Predict image embeddings ``[N, E]`` in chunks of ``infer.batch_size``: per image the point
+    estimate (``pred_lat``, ``pred_lon``, ``score``) and the top-k modes (``modes_lat``/``_lon``/``_mass``
+    ``[N, k]``) of the predicted distribution. Evaluation, ``locdiff predict`` and serving all use this."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    chunk = max(1, predictor.config.infer.batch_size)
+    outs = []
+    emb_t = torch.from_numpy(emb)
+    for i in range(0, len(emb), chunk):
+        outs.append(predictor.predict(emb_t[i : i + chunk], generator=gen))
+        if progress:
+            progress(min(i + chunk, len(emb)), len(emb))
+    cat = lambda name: torch.cat([getattr(o, name).detach().cpu() for o in outs]).numpy()  # noqa: E731
+    return {
+        "pred_lat": cat("lat_deg"),
+        "pred_lon": cat("lon_deg"),
+        "score": cat("score"),
+        "modes_lat": cat("modes_lat_deg"),
+        "modes_lon": cat("modes_lon_deg"),
+        "modes_mass": cat("modes_mass"),
+    }
+
+
 def _latest_part(store: Store, writer, key: str, max_steps: int, every: int) -> tuple[int, dict] | None:
     """(step, checkpoint) of the newest checkpoint part an earlier attempt committed, if any."""
     from locdiff_core.checkpoint import CheckpointError, from_bytes
