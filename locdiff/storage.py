@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 import subprocess
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
@@ -36,6 +37,7 @@ from typing import Any
 
 import fsspec
 
+from locdiff import faults
 from locdiff.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -456,6 +458,7 @@ class ArtifactWriter:
         self._parts: dict[str, dict] = {}  # relpath -> entry (finished parts, own or reused)
         self._active = False
         self.committed = False
+        self._stage = key.split("/", 1)[0]
 
     # ---- context manager
     def __enter__(self) -> ArtifactWriter:
@@ -559,7 +562,9 @@ class ArtifactWriter:
             "rows": None if rows is None else int(rows),
             "attempt": self.attempt,
         }
+        faults.point(f"{self._stage}:part-written")
         self.store._atomic_put(self._marker(relpath), json.dumps(entry).encode())
+        faults.point(f"{self._stage}:part-committed")
         self._parts[relpath] = entry
         return entry
 
@@ -627,7 +632,9 @@ class ArtifactWriter:
             "created_at": _now_iso(),
         }
         manifest.update(self._info)
+        faults.point(f"{stage}:before-manifest")
         self.store._atomic_put(self.store._p(self.key, MANIFEST), json.dumps(manifest, indent=1).encode())
+        faults.point(f"{stage}:committed")
         self.store._refresh()
         self.committed = True
 
@@ -654,3 +661,111 @@ class Key:
 
     def __str__(self) -> str:
         return f"{self.stage}/{self.name}/{self.hash}"
+
+
+# --------------------------------------------------------------------------------------------- leases
+LEASE = "_lease.json"
+LEASE_TTL_ENV = "LOCDIFF_LEASE_TTL_S"
+
+
+class LeaseTimeoutError(UserError):
+    """Another live process holds the build of this key for longer than we were asked to wait."""
+
+
+class Lease:
+    """One builder per key at a time: ``with Lease(store, key) as lease: ...``.
+
+    The holder writes ``<key>/_lease.json`` (owner, expiry) and a daemon thread renews it every ttl/3
+    while the block runs; the file is removed on exit. A second process asking for the same key waits
+    while the lease is live and (a) returns as soon as the key is committed (``committed`` is then
+    True: reuse it, do not rebuild), or (b) takes the lease over once it has expired — its holder
+    crashed — and builds, resuming from the parts the holder committed. Taking over is a write followed
+    by a read-back after a settle delay, so of two racing takers exactly one proceeds.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        key: str,
+        ttl_s: float | None = None,
+        wait_s: float = 7 * 24 * 3600,
+        poll_s: float | None = None,
+        on_wait=None,
+    ) -> None:
+        self.store = store
+        self.key = _check_key(key)
+        self.ttl_s = float(ttl_s if ttl_s is not None else os.environ.get(LEASE_TTL_ENV, 120))
+        self.wait_s = float(wait_s)
+        self.poll_s = float(poll_s if poll_s is not None else min(5.0, max(0.2, self.ttl_s / 6)))
+        self.on_wait = on_wait
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.committed = False
+        self._path = store._p(key, LEASE)
+        self._stop = None
+        self._thread = None
+
+    def _read(self) -> dict | None:
+        self.store._refresh(self._path)
+        try:
+            with self.store.fs.open(self._path, "rb") as f:
+                data = json.loads(f.read())
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _write(self) -> None:
+        body = {"owner": self.owner, "expires": time.time() + self.ttl_s, "ttl_s": self.ttl_s}
+        self.store._atomic_put(self._path, json.dumps(body).encode())
+
+    def _try_take(self) -> bool:
+        cur = self._read()
+        if cur is not None and cur.get("owner") != self.owner and cur.get("expires", 0) > time.time():
+            return False
+        self._write()
+        time.sleep(min(1.0, self.poll_s / 2))  # settle: a racing taker's write lands before we read back
+        cur = self._read()
+        return cur is not None and cur.get("owner") == self.owner
+
+    def __enter__(self) -> Lease:
+        import threading
+
+        deadline = time.monotonic() + self.wait_s
+        waited = False
+        while True:
+            if self.store.exists(self.key):
+                self.committed = True
+                return self
+            if self._try_take():
+                break
+            if not waited and self.on_wait is not None:
+                holder = self._read() or {}
+                self.on_wait(holder.get("owner", "?"))
+            waited = True
+            if time.monotonic() > deadline:
+                holder = self._read() or {}
+                raise LeaseTimeoutError(
+                    f"{self.key} is being built by {holder.get('owner', 'another process')}; "
+                    f"gave up after waiting {self.wait_s:.0f} s",
+                    "wait for that run to finish, or stop it; a crashed holder's lease expires by itself",
+                )
+            time.sleep(self.poll_s)
+        self._stop = threading.Event()
+
+        def renew() -> None:
+            while not self._stop.wait(self.ttl_s / 3):
+                with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
+                    self._write()
+
+        self._thread = threading.Thread(target=renew, name=f"lease {self.key}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            cur = self._read()
+            if cur is not None and cur.get("owner") == self.owner:
+                with contextlib.suppress(FileNotFoundError):
+                    self.store.fs.rm(self._path)
+        return False

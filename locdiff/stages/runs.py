@@ -22,7 +22,7 @@ import numpy as np
 
 from locdiff.errors import UserError
 from locdiff.stages import stage_key
-from locdiff.storage import Key, Store
+from locdiff.storage import Key, Lease, Store
 from locdiff_core.config import LocDiffConfig
 
 STAGE = "runs"
@@ -197,69 +197,78 @@ def train_run(
         log.info("run %s is committed already; reusing it", key)
         return key
 
-    train_data = load_geo(store, embeddings_key, "train", targets_key)
-    if train_data.embed_dim != config.embed_dim:
-        raise UserError(
-            f"{embeddings_key} holds {train_data.embed_dim}-d embeddings, the config says "
-            f"embed_dim={config.embed_dim}",
-            "resolve the config with the embeddings' width (resolve_config(..., embed_dim=...))",
-        )
-    try:
-        val_data = load_geo(store, embeddings_key, "val")
-    except LookupError:
-        val_data = None
-    pools = anchor_pools(store, anchors, train_data) if "uniform" in anchors else None
+    on_wait = lambda owner: log.info("run %s is being trained by %s; waiting for it", key, owner)  # noqa: E731
+    with Lease(store, key, on_wait=on_wait) as lease:  # one trainer per run key at a time
+        if lease.committed:
+            log.info("run %s was committed by another process; reusing it", key)
+            return key
+        train_data = load_geo(store, embeddings_key, "train", targets_key)
+        if train_data.embed_dim != config.embed_dim:
+            raise UserError(
+                f"{embeddings_key} holds {train_data.embed_dim}-d embeddings, the config says "
+                f"embed_dim={config.embed_dim}",
+                "resolve the config with the embeddings' width (resolve_config(..., embed_dim=...))",
+            )
+        try:
+            val_data = load_geo(store, embeddings_key, "val")
+        except LookupError:
+            val_data = None
+        pools = anchor_pools(store, anchors, train_data) if "uniform" in anchors else None
 
-    with store.writer(key, config=cfg, upstream=upstream, resume=True) as w:
-        found = _latest_part(store, w, key, tc.max_steps, tc.checkpoint_every)
-        start_step, resume = (found[0], found[1]) if found else (0, None)
-        if resume is not None:
-            log.info("resuming run %s from checkpoint at step %d", key, start_step)
-        else:
-            log.info("starting run %s from step 0 (%d steps)", key, tc.max_steps)
-        if progress:
-            progress(start_step, tc.max_steps)
+        with store.writer(key, config=cfg, upstream=upstream, resume=True) as w:
+            found = _latest_part(store, w, key, tc.max_steps, tc.checkpoint_every)
+            start_step, resume = (found[0], found[1]) if found else (0, None)
+            if resume is not None:
+                log.info("resuming run %s from checkpoint at step %d", key, start_step)
+            else:
+                log.info("starting run %s from step 0 (%d steps)", key, tc.max_steps)
+            if progress:
+                progress(start_step, tc.max_steps)
 
-        def save(ckpt: dict) -> None:
-            if ckpt["step"] >= tc.max_steps:
-                return  # the final one is written as model.pt below
-            rel = checkpoint_relpath(ckpt["step"])
-            w.write_bytes(rel, to_bytes(ckpt))
-            w.commit_part(rel)
+            def save(ckpt: dict) -> None:
+                if ckpt["step"] >= tc.max_steps:
+                    return  # the final one is written as model.pt below
+                rel = checkpoint_relpath(ckpt["step"])
+                w.write_bytes(rel, to_bytes(ckpt))
+                w.commit_part(rel)
 
-        def on_event(event: dict) -> None:
-            if event.get("event") == "train":
-                if progress:
-                    progress(event["step"], tc.max_steps)
-                log.info("step %d loss %.4f lr %.2e", event["step"], event["loss"], event["lr"])
-            elif event.get("event") == "val":
-                log.info("step %d val median %.0f km", event["step"], event.get("median_km", float("nan")))
+            def on_event(event: dict) -> None:
+                if event.get("event") == "train":
+                    if progress:
+                        progress(event["step"], tc.max_steps)
+                    log.info("step %d loss %.4f lr %.2e", event["step"], event["loss"], event["lr"])
+                elif event.get("event") == "val":
+                    log.info(
+                        "step %d val median %.0f km", event["step"], event.get("median_km", float("nan"))
+                    )
 
-        result = train(
-            config,
-            train_data,
-            val_data,
-            checkpoint_callback=save,
-            resume_from=resume,
-            progress=on_event,
-            max_steps=stop_after_steps,
-            anchor_pools=pools,
-        )
-        if result.step < tc.max_steps:
-            raise RuntimeError(f"training stopped at step {result.step} of {tc.max_steps} (stop_after_steps)")
-        w.write_bytes(MODEL_FILE, to_bytes(result.checkpoint))
-        w.write_bytes("curves.json", json.dumps(result.curves).encode())
-        w.write_table("curves.parquet", curves_table(result.curves))
-        w.set(
-            start_step=start_step,
-            final_step=result.step,
-            preset=preset,
-            run_name=run_name,
-            embeddings=embeddings_key,
-            targets=targets_key,
-            anchors=anchors,
-            val_metrics=result.val_metrics,
-        )
+            result = train(
+                config,
+                train_data,
+                val_data,
+                checkpoint_callback=save,
+                resume_from=resume,
+                progress=on_event,
+                max_steps=stop_after_steps,
+                anchor_pools=pools,
+            )
+            if result.step < tc.max_steps:
+                raise RuntimeError(
+                    f"training stopped at step {result.step} of {tc.max_steps} (stop_after_steps)"
+                )
+            w.write_bytes(MODEL_FILE, to_bytes(result.checkpoint))
+            w.write_bytes("curves.json", json.dumps(result.curves).encode())
+            w.write_table("curves.parquet", curves_table(result.curves))
+            w.set(
+                start_step=start_step,
+                final_step=result.step,
+                preset=preset,
+                run_name=run_name,
+                embeddings=embeddings_key,
+                targets=targets_key,
+                anchors=anchors,
+                val_metrics=result.val_metrics,
+            )
     return key
 
 
