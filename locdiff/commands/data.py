@@ -127,6 +127,26 @@ def prepare(
     print(key)
 
 
+def _sql_error(exc: Exception) -> UserError:
+    """One line for a DuckDB error; permission errors say that the catalog is read-only."""
+    import duckdb
+
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    if text.startswith("Error Traceback") and lines:  # raised in Python (our read-only filesystem)
+        text = lines[-1]
+    views = "views: artifacts, datasets, embeddings, runs, curves, predictions, metrics"
+    refused = isinstance(exc, duckdb.PermissionException) or "PermissionError" in text or "read-only" in text
+    if refused:
+        return UserError(
+            f"SQL refused: {text}",
+            "`locdiff sql` is read-only and reads only the store's views (no COPY … TO, ATTACH, "
+            "INSTALL/LOAD, or files outside the store); write results with --format csv|parquet "
+            "--output FILE; " + views,
+        )
+    return UserError(f"SQL error: {text}", views)
+
+
 def sql(
     query: str = typer.Argument(
         ..., help="SQL over the views: artifacts, datasets, embeddings, runs, curves, predictions, metrics"
@@ -135,8 +155,11 @@ def sql(
     output: Path = typer.Option(None, "--output", "-o", help="write to this file (required for parquet)"),
     storage: str = typer.Option(None, "--storage", help=_STORAGE_HELP),
     max_rows: int = typer.Option(100, "--max-rows", help="table format: rows shown"),
+    verify: bool = typer.Option(
+        True, "--verify/--no-verify", help="check the views' files against their sha256 (else size only)"
+    ),
 ) -> None:
-    """Run SQL against the artifact catalog (DuckDB) and print the result."""
+    """Run read-only SQL against the artifact catalog (DuckDB) and print the result."""
     import duckdb
 
     from locdiff.catalog import connect
@@ -146,20 +169,19 @@ def sql(
         raise UserError(f"unknown --format {fmt!r}", f"allowed: {', '.join(formats)}")
     if fmt == "parquet" and output is None:
         raise UserError("--format parquet needs --output FILE")
-    con = connect(_store(storage))
+    con = connect(
+        _store(storage), verify=verify, on_warning=lambda msg: print(f"warning: {msg}", file=sys.stderr)
+    )
     try:
         rel = con.sql(query)
     except duckdb.Error as exc:
-        raise UserError(
-            f"SQL error: {exc}".splitlines()[0],
-            "views: artifacts, datasets, embeddings, runs, curves, predictions, metrics",
-        ) from exc
+        raise _sql_error(exc) from exc
     if rel is None:  # a statement without a result (e.g. SET)
         return
     try:
         table = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
     except duckdb.Error as exc:
-        raise UserError(f"SQL error: {exc}".splitlines()[0]) from exc
+        raise _sql_error(exc) from exc
     if hasattr(table, "read_all"):
         table = table.read_all()
     if fmt == "parquet":
