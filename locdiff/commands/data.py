@@ -72,6 +72,20 @@ def prepare(
     n: int = typer.Option(None, "--n", min=1, help="bluemarble: number of tiles"),
     seed: int = typer.Option(0, "--seed", help="bluemarble: random seed"),
     storage: str = typer.Option(None, "--storage", help=_STORAGE_HELP),
+    allow_outside_root: bool = typer.Option(
+        False, "--allow-outside-root", help="read absolute paths, file:// URLs, paths outside --images-root"
+    ),
+    allow_protocol: list[str] = typer.Option(
+        None, "--allow-protocol", help="fetch image URLs of this fsspec protocol too (besides http, https)"
+    ),
+    max_skip_share: float = typer.Option(
+        0.5,
+        "--max-skip-share",
+        min=0.0,
+        max=1.0,
+        help="refuse to commit when more than this share of rows is left out (1.0 accepts any)",
+    ),
+    force: bool = typer.Option(False, "--force", help="rebuild even when this dataset is committed"),
 ) -> None:
     """Build a dataset artifact (manifest Parquet + tar shards) in the store; prints its key."""
     from locdiff.datasets.registry import REGISTRY
@@ -117,6 +131,10 @@ def prepare(
         max_workers=workers,
         limit=limit,
         progress=progress,
+        allow_outside_root=allow_outside_root,
+        allow_protocols=tuple(allow_protocol or ()),
+        max_skip_share=max_skip_share,
+        force=force,
     )
     man = store.manifest(key)
     print(
