@@ -37,7 +37,7 @@ from typing import Any
 
 import fsspec
 
-from locdiff.errors import UserError
+from locdiff.errors import UserError, environment_error
 
 MANIFEST = "manifest.json"
 _ATTEMPTS = "_attempts"
@@ -271,12 +271,21 @@ class Store:
 
     # ---- reading
     def _read_manifest(self, key: str) -> dict | None:
+        """The manifest, or None when it is truly absent; access errors raise StoreAccessError."""
         path = self._p(key, MANIFEST)
         try:
             with self.fs.open(path, "rb") as f:
                 raw = f.read()
-        except (FileNotFoundError, OSError):
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            err = environment_error(exc, self.url)  # a missing bucket is not a missing artifact
+            if err is not None:
+                raise err from None
             return None
+        except Exception as exc:
+            err = environment_error(exc, self.url)
+            if err is not None:
+                raise err from None
+            raise
         try:
             man = json.loads(raw)
         except ValueError:
@@ -387,8 +396,16 @@ class Store:
         self._refresh()
         try:
             paths = self.fs.find(base)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            err = environment_error(exc, self.url)
+            if err is not None:
+                raise err from None
             return []
+        except Exception as exc:
+            err = environment_error(exc, self.url)
+            if err is not None:
+                raise err from None
+            raise
         out = []
         for p in paths:
             if not p.endswith("/" + MANIFEST):
