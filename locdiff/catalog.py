@@ -249,6 +249,7 @@ def connect(
         "SET autoinstall_known_extensions = false",
         "SET autoload_known_extensions = false",
         "SET allow_community_extensions = false",
+        "SET python_enable_replacements = false",  # SQL cannot scan the caller's Python objects
         "SET enable_external_access = false",
         "SET lock_configuration = true",
     ):

@@ -47,6 +47,9 @@ def test_sql_cannot_write_attach_install_or_read_outside(store, tmp_path):
     outside.write_text("secret,x\n1,2\n")
     con = connect(store)
     assert con.execute("SELECT acc_25km FROM metrics").fetchall() == [(0.5,)]
+    local_frame = pa.table({"secret": ["x"]})  # noqa: F841 - SQL must not reach the caller's objects
+    with pytest.raises(duckdb.CatalogException):
+        con.execute("SELECT * FROM local_frame").fetchall()
     probes = [
         f"COPY (SELECT 'locdiff' AS method, 1.0 AS acc_25km) TO '{metrics}' (FORMAT parquet)",
         f"COPY (SELECT 1) TO '{tmp_path / 'new.csv'}'",
@@ -63,6 +66,8 @@ def test_sql_cannot_write_attach_install_or_read_outside(store, tmp_path):
         "SET enable_external_access = true",
         "SET allowed_directories = ['/']",
         f"EXPORT DATABASE '{tmp_path / 'export'}'",
+        "CREATE SECRET s (TYPE s3, KEY_ID 'a', SECRET 'b')",
+        "SET python_enable_replacements = true",
     ]
     for q in probes:
         msg = _refused(con, q)
