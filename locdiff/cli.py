@@ -1,7 +1,8 @@
 """The `locdiff` command line: one typer app; each area mounts its own sub-commands.
 
 Errors that users can fix (bad input, missing files, nothing running) are printed as one line plus a
-hint and exit with status 2; see `locdiff.errors.UserError`.
+hint and exit with status 2; see `locdiff.errors.UserError`. Errors of the environment (access denied,
+missing bucket, unreachable endpoint, read-only or full disk) are one line too, with status 1.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 
 import typer
 
-from locdiff.errors import UserError
+from locdiff.errors import StoreAccessError, UserError, environment_error
 
 app = typer.Typer(
     help="LocDiff: worldwide image geolocation by diffusion in a spherical-harmonics space.",
@@ -57,15 +58,26 @@ def _mount() -> None:
             register(app)
 
 
+def _fail(exc: UserError, code: int) -> None:
+    print(f"error: {exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=sys.stderr)
+    sys.exit(code)
+
+
 def main() -> None:
     _mount()
     try:
         app()
+    except StoreAccessError as exc:  # the environment (credentials, endpoint, disk), not the input
+        _fail(exc, 1)
     except UserError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        sys.exit(2)
+        _fail(exc, 2)
+    except Exception as exc:
+        err = environment_error(exc)  # access denied, unreachable endpoint, EROFS, ENOSPC, ...
+        if err is None:
+            raise  # a bug: keep the traceback
+        _fail(err, 1)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import dataclasses
 import datetime as _dt
 import functools
 import hashlib
+import io
 import json
 import os
 import re
@@ -31,14 +32,14 @@ import secrets
 import subprocess
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
 
 from locdiff import faults
-from locdiff.errors import UserError
+from locdiff.errors import UserError, environment_error
 
 MANIFEST = "manifest.json"
 _ATTEMPTS = "_attempts"
@@ -52,6 +53,19 @@ _CHUNK = 4 << 20
 
 class ArtifactNotFoundError(UserError):
     """The requested artifact (or a file of it) is not committed in the store."""
+
+
+class ChecksumMismatchError(UserError):
+    """A committed file's bytes differ from its manifest (tampered, truncated or bit-rotted)."""
+
+    def __init__(self, key: str, relpath: str, detail: str) -> None:
+        super().__init__(
+            f"artifact {key}, part {relpath} fails its checksum ({detail})",
+            "the file changed after it was committed; delete the artifact and re-run the stage that "
+            "produces it",
+        )
+        self.key = key
+        self.relpath = relpath
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -154,6 +168,7 @@ class Store:
         self._protocol = "s3" if url.startswith(("s3://", "s3a://")) else "file"
         self._key_info: dict[str, dict] = {}
         self._endpoint: str | None = None
+        self._verified: set[tuple[str, str]] = set()  # (fs path, sha256) hashed whole in this process
 
     # ---- construction
     @classmethod
@@ -258,12 +273,21 @@ class Store:
 
     # ---- reading
     def _read_manifest(self, key: str) -> dict | None:
+        """The manifest, or None when it is truly absent; access errors raise StoreAccessError."""
         path = self._p(key, MANIFEST)
         try:
             with self.fs.open(path, "rb") as f:
                 raw = f.read()
-        except (FileNotFoundError, OSError):
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            err = environment_error(exc, self.url)  # a missing bucket is not a missing artifact
+            if err is not None:
+                raise err from None
             return None
+        except Exception as exc:
+            err = environment_error(exc, self.url)
+            if err is not None:
+                raise err from None
+            raise
         try:
             man = json.loads(raw)
         except ValueError:
@@ -309,33 +333,63 @@ class Store:
         entry = self._entry(key, relpath)
         return self._to_uri(self._p(key, entry["path"]))
 
-    def entry_uri(self, key: str, entry: dict) -> str:
-        """Full URI of the file a manifest entry (``manifest(key)["files"][i]``) points at."""
-        return self._to_uri(self._p(key, entry["path"]))
+    def entry_path(self, key: str, entry: dict) -> str:
+        """Path, in ``self.fs`` terms, of the file a manifest entry (``manifest(key)["files"][i]``) names."""
+        return self._p(key, entry["path"])
 
     def fspath(self, key: str, relpath: str) -> str:
         """Path of a committed file in ``self.fs`` terms (what ``store.fs.open`` takes)."""
         return self._p(key, self._entry(key, relpath)["path"])
 
-    def open(self, key: str, relpath: str, mode: str = "rb"):
-        """Open a committed file for reading."""
+    def open(self, key: str, relpath: str, mode: str = "rb", *, verify: bool = True):
+        """Open a committed file for reading, checked against the manifest's sha256 as it is read.
+
+        The size is checked at once; the bytes are hashed as they are read (one pass) and a mismatch
+        raises :class:`ChecksumMismatchError` ("artifact K, part P fails its checksum") when the end is
+        reached, or on ``close()`` after a partial read (which then reads the rest). A reader that seeks
+        away from where it is gets the whole file hashed first (once per file and store object).
+        ``verify=False`` opens the file unchecked.
+        """
         if "r" not in mode or any(c in mode for c in "wax+"):
             raise ValueError(f"Store.open is read-only (mode 'rb' or 'r'), got {mode!r}; use writer()")
-        return self.fs.open(self.fspath(key, relpath), mode)
+        entry = self._entry(key, relpath)
+        return self._open_entry(key, entry, mode, verify)
 
-    def read_table(self, key: str, relpath: str, columns: list[str] | None = None):
-        """Read a committed Parquet file as a ``pyarrow.Table`` through the store's filesystem."""
+    def _open_entry(self, key: str, entry: dict, mode: str = "rb", verify: bool = True):
+        path = self._p(key, entry["path"])
+        if not verify:
+            return self.fs.open(path, mode)
+        raw = _CheckedReader(self, key, entry, path)
+        if "b" in mode:  # the store's filesystem buffers below; no second buffer (and copy) on top
+            return raw
+        return io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8")
+
+    def read_bytes(self, key: str, relpath: str, *, verify: bool = True) -> bytes:
+        """All bytes of a committed file (checked against its sha256 unless ``verify=False``)."""
+        with self.open(key, relpath, verify=verify) as f:
+            return f.read()
+
+    def _read_buffer(self, key: str, relpath: str):
+        """All bytes of a committed file, checked, as a buffer (no copy beyond the read itself)."""
+        with self.open(key, relpath) as f:
+            return f.read_rest()
+
+    def read_table(self, key: str, relpath: str, columns: list[str] | None = None, *, verify: bool = True):
+        """Read a committed Parquet file as a ``pyarrow.Table``, checked against its sha256 (one pass)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        with self.open(key, relpath) as f:
-            return pq.read_table(f, columns=columns)
+        if not verify:
+            with self.open(key, relpath, verify=False) as f:
+                return pq.read_table(f, columns=columns)
+        return pq.read_table(pa.BufferReader(pa.py_buffer(self._read_buffer(key, relpath))), columns=columns)
 
     def verify(self, key: str) -> list[str]:
         """Re-hash every file of a committed artifact; returns the relpaths whose checksum differs."""
         bad = []
         for entry in self.manifest(key)["files"]:
             try:
-                digest, _ = _hash_file(self.fs, self._p(key, entry["path"]))
+                digest, _ = hash_file(self.fs, self._p(key, entry["path"]))
             except FileNotFoundError:
                 digest = None
             if digest != entry["sha256"]:
@@ -348,8 +402,16 @@ class Store:
         self._refresh()
         try:
             paths = self.fs.find(base)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            err = environment_error(exc, self.url)
+            if err is not None:
+                raise err from None
             return []
+        except Exception as exc:
+            err = environment_error(exc, self.url)
+            if err is not None:
+                raise err from None
+            raise
         out = []
         for p in paths:
             if not p.endswith("/" + MANIFEST):
@@ -415,7 +477,7 @@ def _reopen(url: str, endpoint: str | None = None) -> Store:
     return Store.from_uri(url, {"endpoint_url": endpoint} if endpoint else None)
 
 
-def _hash_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, int]:
+def hash_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, int]:
     h = hashlib.sha256()
     n = 0
     with fs.open(path, "rb") as f:
@@ -426,6 +488,181 @@ def _hash_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, int]:
             h.update(chunk)
             n += len(chunk)
     return h.hexdigest(), n
+
+
+class _CheckedReader(io.RawIOBase):
+    """A committed file read through the store, hashed as it goes (see :meth:`Store.open`)."""
+
+    def __init__(self, store: Store, key: str, entry: dict, path: str) -> None:
+        super().__init__()
+        self._store, self._key, self._entry, self._path = store, key, entry, path
+        self._size = int(entry["size"])
+        self._f = store.fs.open(path, "rb")
+        try:
+            actual = getattr(self._f, "size", None)
+            if not isinstance(actual, int):
+                actual = store.fs.size(path)
+        except BaseException:
+            self._f.close()
+            raise
+        if actual != self._size:
+            self._f.close()
+            raise ChecksumMismatchError(
+                key, entry["relpath"], f"{actual} bytes, the manifest says {self._size}"
+            )
+        self._h = hashlib.sha256()
+        self._hashed = 0  # bytes hashed so far, in order from the start
+        self._pos = 0  # where the next read starts
+        self._done = (path, entry["sha256"]) in store._verified
+
+    def _fail(self, detail: str):
+        self._done = True  # report once
+        raise ChecksumMismatchError(self._key, self._entry["relpath"], detail)
+
+    def _finish(self) -> None:
+        if self._h.hexdigest() != self._entry["sha256"]:
+            self._fail("its sha256 differs from the manifest's")
+        self._done = True
+        self._store._verified.add((self._path, self._entry["sha256"]))
+
+    def _verify_whole(self) -> None:
+        digest, n = hash_file(self._store.fs, self._path)
+        if n != self._size:
+            self._fail(f"{n} bytes, the manifest says {self._size}")
+        self._h = hashlib.sha256()
+        if digest != self._entry["sha256"]:
+            self._fail("its sha256 differs from the manifest's")
+        self._done = True
+        self._store._verified.add((self._path, self._entry["sha256"]))
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            target = offset
+        elif whence == io.SEEK_CUR:
+            target = self._pos + offset
+        elif whence == io.SEEK_END:
+            target = self._size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if target < 0:
+            raise OSError(f"negative seek position {target}")
+        if target != self._pos:
+            self._f.seek(target)
+            self._pos = target
+        return self._pos
+
+    def _read(self, n: int) -> bytes:
+        if not self._done and self._pos != self._hashed:  # random access: check the whole file first
+            self._verify_whole()
+        data = self._f.read(n)
+        self._account(data, n)
+        return data
+
+    def _account(self, data, asked: int) -> None:
+        if not self._done:
+            self._h.update(data)
+            self._hashed += len(data)
+            if self._hashed > self._size:
+                self._fail(f"more than the manifest's {self._size} bytes")
+            if self._hashed == self._size:
+                self._finish()
+            elif not len(data) and asked:
+                self._fail(f"ends after {self._hashed} of {self._size} bytes")
+        self._pos += len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        return self._read(size)
+
+    def readinto(self, b) -> int:
+        view = memoryview(b).cast("B")
+        direct = getattr(self._f, "readinto", None)
+        if direct is None or (not self._done and self._pos != self._hashed):
+            data = self._read(len(view))
+            view[: len(data)] = data
+            return len(data)
+        n = direct(view) or 0
+        self._account(view[:n], len(view))
+        return n
+
+    def readall(self) -> bytes:
+        return bytes(self.read_rest())
+
+    def read_rest(self) -> bytearray:
+        """The rest of the file in one buffer (read and hashed in place: no extra copies)."""
+        rest = max(0, self._size - self._pos)
+        buf = bytearray(rest)
+        view = memoryview(buf)
+        got = 0
+        while got < rest:
+            n = self.readinto(view[got : got + _CHUNK])
+            if not n:
+                self._fail(f"ends after {self._pos} of {self._size} bytes")
+            got += n
+        if self.read(1):  # at the end: finishes the check (and catches a file grown since it was opened)
+            self._fail(f"more than the manifest's {self._size} bytes")
+        return buf
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if not self._done and self._hashed and self._pos == self._hashed:
+                while not self._done and self._read(_CHUNK):  # a partial read: check the rest too
+                    pass
+        finally:
+            self._f.close()
+            super().close()
+
+
+class _HashingFile:
+    """A staging file opened for writing that hashes what is written (so commit needs no re-read)."""
+
+    def __init__(self, f, on_close) -> None:
+        self._f = f
+        self._h = hashlib.sha256()
+        self._n = 0
+        self._ok = True  # False once the writer seeks or truncates: the hash no longer matches
+        self._on_close = on_close
+
+    def write(self, data) -> int:
+        if self._ok:
+            self._h.update(data)
+            self._n += memoryview(data).nbytes
+        return self._f.write(data)
+
+    def seek(self, *args):
+        self._ok = False
+        return self._f.seek(*args)
+
+    def truncate(self, *args):
+        self._ok = False
+        return self._f.truncate(*args)
+
+    def close(self) -> None:
+        if getattr(self._f, "closed", False):
+            return
+        self._f.close()
+        self._on_close((self._h.hexdigest(), self._n) if self._ok else None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
 
 
 # --------------------------------------------------------------------------------------------- writer
@@ -456,6 +693,7 @@ class ArtifactWriter:
         self.attempt = f"{stamp}-{os.getpid()}-{secrets.token_hex(4)}"
         self._info: dict[str, Any] = {}
         self._parts: dict[str, dict] = {}  # relpath -> entry (finished parts, own or reused)
+        self._written: dict[str, tuple[str, int] | None] = {}  # relpath -> (sha256, size) hashed on write
         self._active = False
         self.committed = False
         self._stage = key.split("/", 1)[0]
@@ -478,15 +716,35 @@ class ArtifactWriter:
     def path(self, relpath: str) -> str:
         """Staging URI to write ``relpath`` to (parent folders exist for local stores)."""
         relpath = _check_relpath(relpath)
+        self._written.pop(relpath, None)  # written by someone else from here on: hash it at commit
         p = self.store._p(self.key, self._attempt_rel(relpath))
         if self.store.is_local:
             os.makedirs(os.path.dirname(p), exist_ok=True)
         return self.store._to_uri(p)
 
     def open(self, relpath: str, mode: str = "wb"):
-        """Open a staging file of this attempt for writing."""
+        """Open a staging file of this attempt for writing (hashed as it is written)."""
         relpath = _check_relpath(relpath)
-        return self.store.fs.open(self.store._p(self.key, self._attempt_rel(relpath)), mode)
+        f = self.store.fs.open(self.store._p(self.key, self._attempt_rel(relpath)), mode)
+        if mode not in ("wb", "xb"):
+            self._written[relpath] = None
+            return f
+        self._written[relpath] = None  # until closed
+
+        def on_close(result, relpath=relpath) -> None:
+            self._written[relpath] = result
+
+        return _HashingFile(f, on_close)
+
+    def _digest(self, relpath: str, size: int | None = None) -> tuple[str, int]:
+        """(sha256, size) of a staged file: the one hashed while writing, else by reading it back."""
+        got = self._written.get(relpath)
+        if got is not None:
+            if size is None:
+                size = self.store.fs.size(self.store._p(self.key, self._attempt_rel(relpath)))
+            if size == got[1]:
+                return got
+        return hash_file(self.store.fs, self.store._p(self.key, self._attempt_rel(relpath)))
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
         with self.open(relpath, "wb") as f:
@@ -524,14 +782,17 @@ class ArtifactWriter:
             return False
         if not isinstance(entry, dict) or entry.get("relpath") != relpath:
             return False
-        data = self.store._p(self.key, entry.get("path", ""))
-        try:
-            size = fs.size(data)
+        path = entry.get("path", "")
+        if not isinstance(path, str) or not path.startswith(_ATTEMPTS + "/") or ".." in path.split("/"):
+            return False
+        try:  # a reused part must match its recorded checksum, not just its size
+            digest, size = hash_file(fs, self.store._p(self.key, path))
         except (FileNotFoundError, OSError):
             return False
-        if size != entry.get("size"):
+        if size != entry.get("size") or digest != entry.get("sha256"):
             return False
         self._parts[relpath] = entry
+        self.store._verified.add((self.store._p(self.key, path), digest))
         return True
 
     def open_part(self, relpath: str, mode: str = "rb"):
@@ -541,15 +802,14 @@ class ArtifactWriter:
             raise ValueError(f"{relpath!r} is not a finished part of {self.key}; check part_done() first")
         if "r" not in mode or any(c in mode for c in "wax+"):
             raise ValueError(f"open_part is read-only (mode 'rb' or 'r'), got {mode!r}")
-        return self.store.fs.open(self.store._p(self.key, self._parts[relpath]["path"]), mode)
+        return self.store._open_entry(self.key, self._parts[relpath], mode)
 
     def commit_part(self, relpath: str, rows: int | None = None) -> dict:
         """Mark one written part finished (checksum recorded); survives a crash of this process."""
         relpath = _check_relpath(relpath)
         rel_in_key = self._attempt_rel(relpath)
-        full = self.store._p(self.key, rel_in_key)
         try:
-            digest, size = _hash_file(self.store.fs, full)
+            digest, size = self._digest(relpath)
         except FileNotFoundError:
             raise ValueError(
                 f"commit_part({relpath!r}): nothing was written to it in this attempt of {self.key}"
@@ -577,28 +837,31 @@ class ArtifactWriter:
         self._info.update(_to_jsonable(info))
 
     # ---- commit
-    def _own_files(self) -> Iterator[str]:
+    def _own_files(self) -> dict[str, int | None]:
+        """relpath -> size of the files this attempt staged."""
         base = self.store._p(self.key, _ATTEMPTS, self.attempt)
         self.store._refresh(base)
         try:
-            found = self.store.fs.find(base)
+            found = self.store.fs.find(base, detail=True)
         except FileNotFoundError:
-            return
+            return {}
         prefix = base.split("://", 1)[-1].rstrip("/") + "/"
-        for p in found:
+        out: dict[str, int | None] = {}
+        for p, info in found.items():
             p = p.split("://", 1)[-1]
             if p.startswith(prefix):
-                yield p[len(prefix) :]
+                out[p[len(prefix) :]] = info.get("size") if isinstance(info, dict) else None
+        return out
 
     def _commit(self) -> None:
         files: dict[str, dict] = {}
-        own = set(self._own_files())
+        own = self._own_files()
         for relpath in sorted(own):
             part = self._parts.get(relpath)
             if part is not None and part.get("attempt") == self.attempt:
                 files[relpath] = part
                 continue
-            digest, size = _hash_file(self.store.fs, self.store._p(self.key, self._attempt_rel(relpath)))
+            digest, size = self._digest(relpath, own[relpath])
             files[relpath] = {
                 "relpath": relpath,
                 "path": self._attempt_rel(relpath),

@@ -72,6 +72,20 @@ def prepare(
     n: int = typer.Option(None, "--n", min=1, help="bluemarble: number of tiles"),
     seed: int = typer.Option(0, "--seed", help="bluemarble: random seed"),
     storage: str = typer.Option(None, "--storage", help=_STORAGE_HELP),
+    allow_outside_root: bool = typer.Option(
+        False, "--allow-outside-root", help="read absolute paths, file:// URLs, paths outside --images-root"
+    ),
+    allow_protocol: list[str] = typer.Option(
+        None, "--allow-protocol", help="fetch image URLs of this fsspec protocol too (besides http, https)"
+    ),
+    max_skip_share: float = typer.Option(
+        0.5,
+        "--max-skip-share",
+        min=0.0,
+        max=1.0,
+        help="refuse to commit when more than this share of rows is left out (1.0 accepts any)",
+    ),
+    force: bool = typer.Option(False, "--force", help="rebuild even when this dataset is committed"),
 ) -> None:
     """Build a dataset artifact (manifest Parquet + tar shards) in the store; prints its key."""
     from locdiff.datasets.registry import REGISTRY
@@ -117,6 +131,10 @@ def prepare(
         max_workers=workers,
         limit=limit,
         progress=progress,
+        allow_outside_root=allow_outside_root,
+        allow_protocols=tuple(allow_protocol or ()),
+        max_skip_share=max_skip_share,
+        force=force,
     )
     man = store.manifest(key)
     print(
@@ -127,6 +145,26 @@ def prepare(
     print(key)
 
 
+def _sql_error(exc: Exception) -> UserError:
+    """One line for a DuckDB error; permission errors say that the catalog is read-only."""
+    import duckdb
+
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    if text.startswith("Error Traceback") and lines:  # raised in Python (our read-only filesystem)
+        text = lines[-1]
+    views = "views: artifacts, datasets, embeddings, runs, curves, predictions, metrics"
+    refused = isinstance(exc, duckdb.PermissionException) or "PermissionError" in text or "read-only" in text
+    if refused:
+        return UserError(
+            f"SQL refused: {text}",
+            "`locdiff sql` is read-only and reads only the store's views (no COPY … TO, ATTACH, "
+            "INSTALL/LOAD, or files outside the store); write results with --format csv|parquet "
+            "--output FILE; " + views,
+        )
+    return UserError(f"SQL error: {text}", views)
+
+
 def sql(
     query: str = typer.Argument(
         ..., help="SQL over the views: artifacts, datasets, embeddings, runs, curves, predictions, metrics"
@@ -135,8 +173,11 @@ def sql(
     output: Path = typer.Option(None, "--output", "-o", help="write to this file (required for parquet)"),
     storage: str = typer.Option(None, "--storage", help=_STORAGE_HELP),
     max_rows: int = typer.Option(100, "--max-rows", help="table format: rows shown"),
+    verify: bool = typer.Option(
+        True, "--verify/--no-verify", help="check the views' files against their sha256 (else size only)"
+    ),
 ) -> None:
-    """Run SQL against the artifact catalog (DuckDB) and print the result."""
+    """Run read-only SQL against the artifact catalog (DuckDB) and print the result."""
     import duckdb
 
     from locdiff.catalog import connect
@@ -146,20 +187,19 @@ def sql(
         raise UserError(f"unknown --format {fmt!r}", f"allowed: {', '.join(formats)}")
     if fmt == "parquet" and output is None:
         raise UserError("--format parquet needs --output FILE")
-    con = connect(_store(storage))
+    con = connect(
+        _store(storage), verify=verify, on_warning=lambda msg: print(f"warning: {msg}", file=sys.stderr)
+    )
     try:
         rel = con.sql(query)
     except duckdb.Error as exc:
-        raise UserError(
-            f"SQL error: {exc}".splitlines()[0],
-            "views: artifacts, datasets, embeddings, runs, curves, predictions, metrics",
-        ) from exc
+        raise _sql_error(exc) from exc
     if rel is None:  # a statement without a result (e.g. SET)
         return
     try:
         table = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
     except duckdb.Error as exc:
-        raise UserError(f"SQL error: {exc}".splitlines()[0]) from exc
+        raise _sql_error(exc) from exc
     if hasattr(table, "read_all"):
         table = table.read_all()
     if fmt == "parquet":

@@ -52,8 +52,8 @@ def predict_images(
 ) -> list[dict]:
     """Per image: lat, lon, score and the top-k modes (lat, lon, mass) of the predicted distribution."""
     import torch
-    from PIL import Image, UnidentifiedImageError
 
+    from locdiff.datasets.images import ImageError, decode_image
     from locdiff.encoders import encoder_kwargs, load_encoder
 
     predictor, run_encoder = _predictor_and_encoder(checkpoint, storage)
@@ -72,10 +72,10 @@ def predict_images(
     batch = []
     for p in paths:
         try:
-            with Image.open(p) as im:
+            with decode_image(p) as im:
                 batch.append(enc.preprocess(im))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise UserError(f"cannot read image {p}: {exc}", "pass JPEG or PNG files") from None
+        except ImageError as exc:
+            raise UserError(f"cannot read image {p}: {exc.reason}", "pass JPEG or PNG files") from None
     emb = enc(torch.stack(batch))  # [B, dim]
     dec = predictor.predict(emb, K=samples, generator=torch.Generator().manual_seed(seed))
     out = []

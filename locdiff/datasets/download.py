@@ -13,6 +13,7 @@ Other fsspec URLs (``s3://…``, ``file://…``) are read through fsspec with th
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
 import random
 import stat
@@ -20,6 +21,7 @@ import tarfile
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from pathlib import Path, PurePosixPath
 
 import requests
 
-from locdiff.errors import UserError
+from locdiff.errors import UserError, environment_error
 
 DEAD_STATUSES = frozenset({403, 404, 410, 451})
 TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -68,6 +70,10 @@ class ChecksumError(UserError):
 
 class UnsafeArchiveError(UserError):
     """An archive member would escape the target, is a link/device, or is absurdly large."""
+
+
+class CorruptArchiveError(UserError):
+    """An archive that cannot be read to its end: truncated, or corrupt."""
 
 
 _local = threading.local()
@@ -275,8 +281,26 @@ def safe_extract(
 
     Refuses (UnsafeArchiveError, naming the member) absolute paths, '..', symlinks, hardlinks, device
     files, members larger than ``max_member_bytes``, more than ``max_members`` members or more than
-    ``max_total_bytes`` in all. Checks every member before writing anything.
+    ``max_total_bytes`` in all. Checks every member before writing anything. A truncated or corrupt
+    archive raises :class:`CorruptArchiveError`; a full or read-only disk a ``StoreAccessError``.
     """
+    if not os.path.isfile(archive):
+        raise UserError(f"archive not found: {archive}", "check the --archive path")
+    try:
+        return _extract(archive, target, max_member_bytes, max_total_bytes, max_members)
+    except UserError:
+        raise
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
+        env = environment_error(exc, str(target))
+        if env is not None:
+            raise env from None
+        raise CorruptArchiveError(
+            f"{archive}: truncated or corrupt archive ({type(exc).__name__}: {exc})"[:400],
+            "download the archive again (and check its checksum)",
+        ) from None
+
+
+def _extract(archive, target, max_member_bytes: int, max_total_bytes: int, max_members: int) -> list[str]:
     archive = str(archive)
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)

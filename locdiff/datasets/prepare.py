@@ -1,24 +1,32 @@
 """Turn a validated metadata table into a committed ``datasets/<name>/<hash>`` artifact.
 
-Images come from local paths (relative ones resolve against ``images_root``), HTTP(S) URLs (downloaded
-with retries, ``download.fetch_bytes``) or any fsspec URL. Dead links and undecodable/truncated images
-are skipped and listed in the manifest (``n_skipped``, ``skipped``, ``n_dead``), never fatal. The build
-resumes shard by shard after a crash (same manifest + options = same key).
+Images come from local paths (relative ones must resolve inside ``images_root``; absolute paths and
+``file://`` only with ``allow_outside_root``) or HTTP(S) URLs (downloaded with retries,
+``download.fetch_bytes``; other fsspec protocols only when named in ``allow_protocols``). Dead links,
+refused paths and undecodable/truncated images (decompression bombs included) are skipped and listed in
+the manifest (``n_skipped``, ``skipped``, ``n_dead``), never fatal for the batch; but a build with no
+usable image, or too many left out (``max_skip_share``), is not committed. The build resumes shard by
+shard after a crash (same manifest, options and images = same key).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from locdiff.datasets.download import RetryPolicy, fetch_bytes, is_http, safe_extract
+from locdiff.datasets.download import RetryPolicy, fetch_bytes, safe_extract
 from locdiff.datasets.shards import DEFAULT_SHARD_SIZE, ImageRecord, SkipImage, write_dataset
 from locdiff.datasets.validate import validate_file
+from locdiff.errors import UserError
 from locdiff.storage import Store
 
 STAGE = "datasets"
 VERSION = "1"
+MAX_SKIP_SHARE = 0.5  # default: refuse to commit a dataset that left out more than half of its rows
 _EXTS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}
 
 
@@ -33,6 +41,92 @@ def _file_sha256(path: str | Path) -> str:
 def _ext(ref: str) -> str:
     suffix = Path(ref.split("?", 1)[0]).suffix.lower().lstrip(".")
     return suffix if suffix in _EXTS else "jpg"
+
+
+class DatasetBuildError(UserError):
+    """A dataset build that must not be committed (nothing usable, or too much skipped)."""
+
+
+def _count_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _extract_archive(archive: Path) -> tuple[Path, str]:
+    """Extract ``archive`` (safely) next to itself, again whenever its content changed; returns the
+    folder and the archive's sha256."""
+    digest = _file_sha256(archive)
+    target = archive.with_name(archive.name + ".extracted")
+    marker = target / ".locdiff-extracted"
+    if marker.is_file() and marker.read_text().strip() == digest:
+        return target, digest
+    tmp = archive.with_name(f".{archive.name}.extracting-{uuid.uuid4().hex[:8]}")
+    try:
+        safe_extract(archive, tmp)
+        (tmp / ".locdiff-extracted").write_text(digest)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target, digest
+
+
+class _Resolver:
+    """Where an image reference may be read from: relative paths inside the images root; absolute paths
+    and ``file://`` only with ``allow_outside_root``; remote URLs over http(s), or the protocols named in
+    ``allow_protocols``. A refused reference is a skipped row with the reason."""
+
+    def __init__(self, root: Path, allow_outside_root: bool, allow_protocols: tuple[str, ...]) -> None:
+        self.root = root.resolve()
+        self.allow_outside_root = allow_outside_root
+        self.allow_protocols = tuple(p.lower() for p in allow_protocols)
+
+    def local_path(self, ref: str) -> Path | None:
+        """The local file a reference names (checked), or None when it is remote."""
+        if "://" in ref:
+            scheme = ref.split("://", 1)[0].lower()
+            if scheme != "file":
+                return None
+            if not self.allow_outside_root:
+                raise SkipImage("refused: file:// URL (pass --allow-outside-root to read it)")
+            return Path(ref[len("file://") :])
+        path = Path(ref)
+        if path.is_absolute():
+            if not self.allow_outside_root:
+                raise SkipImage("refused: absolute path (pass --allow-outside-root to read it)")
+            return path
+        resolved = (self.root / path).resolve()
+        if not resolved.is_relative_to(self.root) and not self.allow_outside_root:
+            raise SkipImage("refused: path outside --images-root (pass --allow-outside-root to read it)")
+        return resolved
+
+    def check_remote(self, ref: str) -> None:
+        scheme = ref.split("://", 1)[0].lower()
+        if scheme not in ("http", "https") and scheme not in self.allow_protocols:
+            raise SkipImage(
+                f"refused: protocol {scheme!r} "
+                f"(only http and https; pass --allow-protocol {scheme} to fetch it)"
+            )
+
+    def fingerprint(self, refs) -> str:
+        """sha256 over each local image's size and mtime (remote ones count by their URL alone)."""
+        h = hashlib.sha256()
+        for ref in refs:
+            try:
+                path = self.local_path(ref)
+            except SkipImage as exc:
+                h.update(f"{ref}\0refused:{exc}\n".encode())
+                continue
+            if path is None:
+                h.update(f"{ref}\0remote\n".encode())
+                continue
+            try:
+                st = path.stat()
+                h.update(f"{ref}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{ref}\0missing\n".encode())
+        return h.hexdigest()
 
 
 def prepare_from_manifest(
@@ -53,29 +147,28 @@ def prepare_from_manifest(
     lon_col: str | None = None,
     image_col: str | None = None,
     progress=None,
+    allow_outside_root: bool = False,
+    allow_protocols: tuple[str, ...] = (),
+    max_skip_share: float = MAX_SKIP_SHARE,
+    force: bool = False,
 ) -> str:
-    """Validate ``manifest`` and build the dataset artifact; returns its key (reused when committed)."""
+    """Validate ``manifest`` and build the dataset artifact; returns its key (reused when committed).
+
+    The key covers the manifest's bytes, the images root, the archive's sha256 and every local image's
+    size and mtime, so changed inputs build a new artifact; ``force`` rebuilds a committed one. A build
+    with no usable image, or whose share of rows left out (skipped or without coordinates) exceeds
+    ``max_skip_share``, is not committed: :class:`DatasetBuildError` gives the counts of why.
+    """
+    if not 0.0 <= max_skip_share <= 1.0:
+        raise UserError(f"max_skip_share must be within [0, 1], got {max_skip_share}")
     manifest = Path(manifest)
-    if archive is not None:  # extract once next to the archive (safely), then read images from there
-        archive = Path(archive)
-        images_root = archive.with_name(archive.name + ".extracted")
-        done = images_root / ".locdiff-extracted"
-        if not done.exists():
-            safe_extract(archive, images_root)
-            done.write_text(_file_sha256(archive))
+    archive_sha = None
+    if archive is not None:  # extract next to the archive (safely), again when the archive changed
+        images_root, archive_sha = _extract_archive(Path(archive))
     root = Path(images_root) if images_root is not None else manifest.parent
-    config = {
-        "name": name,
-        "manifest_sha256": _file_sha256(manifest),
-        "fix_swapped": fix_swapped,
-        "default_split": default_split,
-        "shard_size": shard_size,
-        "limit": limit,
-        "columns": [id_col, lat_col, lon_col, image_col],
-    }
-    key = store.key(STAGE, name, VERSION, config)
-    if store.exists(key):
-        return key
+    if images_root is not None and not root.is_dir():
+        raise UserError(f"--images-root {root} is not a folder", "pass the folder the image paths are in")
+    resolver = _Resolver(root, allow_outside_root, tuple(allow_protocols))
     val = validate_file(
         manifest,
         id_col=id_col,
@@ -88,21 +181,50 @@ def prepare_from_manifest(
     table = val.table
     if limit is not None:
         table = table.iloc[:limit]
+    n_input = len(val.table) + len(val.dropped)
+    if len(table) == 0:
+        why = f"{len(val.dropped)} without coordinates" if val.dropped else "the manifest has no rows"
+        raise DatasetBuildError(
+            f"dataset {name!r} not built: 0 of {n_input} rows usable ({why}); nothing was committed",
+            "give a manifest with at least one row with an image and coordinates",
+        )
+    config = {
+        "name": name,
+        "manifest_sha256": _file_sha256(manifest),
+        "images_root_sha256": hashlib.sha256(str(resolver.root).encode()).hexdigest(),
+        "archive_sha256": archive_sha,
+        "images_fingerprint": resolver.fingerprint(table["image"].tolist()),
+        "allow_outside_root": bool(allow_outside_root),
+        "allow_protocols": sorted(resolver.allow_protocols),
+        "fix_swapped": fix_swapped,
+        "default_split": default_split,
+        "shard_size": shard_size,
+        "limit": limit,
+        "columns": [id_col, lat_col, lon_col, image_col],
+    }
+    key = store.key(STAGE, name, VERSION, config)
+    if store.exists(key) and not force:
+        return key
 
     def loader(ref: str):
         def load() -> bytes:
-            if is_http(ref) or "://" in ref:
+            path = resolver.local_path(ref)
+            if path is None:
+                resolver.check_remote(ref)
                 res = fetch_bytes(ref, policy)
                 if res.status == "dead":
                     raise SkipImage(f"dead link ({res.error})")
                 if not res.ok:
                     raise SkipImage(f"download failed after {res.attempts} attempts ({res.error})")
                 return res.data
-            path = Path(ref) if Path(ref).is_absolute() else root / ref
             try:
                 return path.read_bytes()
             except FileNotFoundError:
-                raise SkipImage(f"file not found: {path}") from None
+                raise SkipImage(f"file not found ({ref})") from None
+            except IsADirectoryError:
+                raise SkipImage(f"not a file ({ref})") from None
+            except PermissionError:
+                raise SkipImage(f"permission denied ({ref})") from None
 
         return load
 
@@ -112,8 +234,8 @@ def prepare_from_manifest(
         def run(rec: ImageRecord):
             try:
                 return rec.data() if callable(rec.data) else rec.data
-            except SkipImage as exc:
-                return exc
+            except (SkipImage, OSError, ValueError) as exc:
+                return exc if isinstance(exc, SkipImage) else SkipImage(f"unreadable ({exc})")
 
         with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
             results = list(pool.map(run, batch))
@@ -139,13 +261,29 @@ def prepare_from_manifest(
                 extra={c: (None if r[c] is None else str(r[c])) for c in extra_cols},
             )
 
-    with store.writer(key, config) as w:
+    with store.writer(key, config, resume=not force) as w:
         summary = write_dataset(w, records(), shard_size=shard_size, prefetch=prefetch, progress=progress)
+        left_out = summary["n_skipped"] + len(val.dropped)
+        counts = dict(summary["skip_reasons"])
+        if val.dropped:
+            counts["without coordinates"] = len(val.dropped)
+        if summary["rows"] == 0 or left_out > max_skip_share * n_input:
+            usable = f"{summary['rows']} of {n_input} rows usable"
+            if summary["rows"] == 0:
+                raise DatasetBuildError(
+                    f"dataset {name!r} not committed: {usable}; left out: {_count_text(counts)}",
+                    "fix the inputs (the manifest's paths/URLs, --images-root, --archive) and re-run",
+                )
+            raise DatasetBuildError(
+                f"dataset {name!r} not committed: {usable}, {left_out / n_input:.0%} left out "
+                f"(more than --max-skip-share {max_skip_share:g}); left out: {_count_text(counts)}",
+                "fix the inputs and re-run, or accept it with a higher --max-skip-share (e.g. 1.0)",
+            )
         dead = [s for s in summary["skipped"] if s["reason"].startswith("dead link")]
         w.set(
             dataset=name,
             source_manifest=manifest.name,
-            n_input_rows=len(val.table) + len(val.dropped),
+            n_input_rows=n_input,
             n_dropped_rows=len(val.dropped),
             dropped_rows=val.dropped[:1000],
             n_dead=summary["skip_reasons"].get("dead link", 0),

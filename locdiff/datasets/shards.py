@@ -75,19 +75,12 @@ def shard_relpath(index: int) -> str:
 
 
 def check_image(data: bytes) -> tuple[int, int]:
-    """Decode an image fully; returns (width, height). Raises ValueError naming the problem."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode an image fully; returns (width, height). Raises ValueError (an ``ImageError``) naming
+    the problem, for anything Pillow cannot decode safely (decompression bombs included)."""
+    from locdiff.datasets.images import decode_image
 
-    if not data:
-        raise ValueError("empty file")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # a full decode: catches truncated files that verify() lets through
-            return im.size
-    except UnidentifiedImageError as exc:
-        raise ValueError("not a decodable image") from exc
-    except (OSError, SyntaxError) as exc:
-        raise ValueError(f"undecodable image ({exc})") from exc
+    with decode_image(data) as im:
+        return im.size
 
 
 def _write_tar(fobj, members: list[tuple[str, bytes]]) -> list[tuple[int, int]]:

@@ -72,12 +72,30 @@ def _row_label(df_index: int, source: str) -> str:
     return f"row {df_index}"
 
 
-def _swap_suspected(lat: np.ndarray, lon: np.ndarray) -> bool:
-    """The LAT column holds longitudes and LON latitudes: some |lat| > 90 while every |lon| <= 90."""
+SWAP_MIN_ROWS = 3  # strong evidence of a swapped header needs at least this many rows ...
+SWAP_MIN_SHARE = 0.10  # ... and this share of the rows with coordinates
+
+
+def swap_evidence(lat: np.ndarray, lon: np.ndarray) -> tuple[int, int, bool]:
+    """(rows whose LAT is out of ±90 but a valid longitude, rows with coordinates, whether the whole
+    columns support a swap: every LON value is a valid latitude and every LAT value a valid longitude).
+    """
     ok = np.isfinite(lat) & np.isfinite(lon)
-    if not ok.any():
-        return False
-    return bool((np.abs(lat[ok]) > 90).any() and (np.abs(lon[ok]) <= 90).all())
+    n = int(ok.sum())
+    if not n:
+        return 0, 0, False
+    la, lo = np.abs(lat[ok]), np.abs(lon[ok])
+    n_out = int(((la > 90) & (la <= 180)).sum())
+    columns_fit = bool((lo <= 90).all() and (la <= 180).all())
+    return n_out, n, columns_fit
+
+
+def _swap_suspected(lat: np.ndarray, lon: np.ndarray) -> bool:
+    """The LAT column holds longitudes and LON latitudes, on evidence from the whole columns: every LON
+    value is within ±90, every LAT within ±180, and at least SWAP_MIN_ROWS rows (and SWAP_MIN_SHARE of
+    them) have |LAT| > 90. One or two out-of-range values are those rows' errors, not a swap."""
+    n_out, n, columns_fit = swap_evidence(lat, lon)
+    return columns_fit and n_out >= max(SWAP_MIN_ROWS, SWAP_MIN_SHARE * n)
 
 
 def validate_table(
@@ -134,13 +152,28 @@ def validate_table(
             )
         coords[name] = num.to_numpy(dtype=float)
     lat, lon = coords["lat"], coords["lon"]
+    if fix_swapped and not _swap_suspected(lat, lon):
+        n_out, n, columns_fit = swap_evidence(lat, lon)
+        why = (
+            f"only {n_out} of {n} row(s) have |{cols['lat']}| > 90"
+            if columns_fit
+            else f"{cols['lon']!r} has values beyond ±90 or {cols['lat']!r} beyond ±180"
+        )
+        raise DataValidationError(
+            f"{source}: --fix-swapped refused: the evidence that {cols['lat']!r}/{cols['lon']!r} are "
+            f"swapped is weak ({why}; a swap needs at least {SWAP_MIN_ROWS} rows and "
+            f"{SWAP_MIN_SHARE:.0%} of them with a LAT outside ±90 while every LON is within ±90)",
+            "drop --fix-swapped and fix the out-of-range row(s) named without it",
+        )
     if _swap_suspected(lat, lon):
+        n_out, n, _ = swap_evidence(lat, lon)
         i = int(np.flatnonzero(np.abs(np.nan_to_num(lat)) > 90)[0])
         if not fix_swapped:
             raise DataValidationError(
                 f"{source}: columns {cols['lat']!r}/{cols['lon']!r} look swapped: {cols['lat']!r} has "
-                f"{lat[i]} at {_row_label(i, source)} (|lat| must be <= 90) while every "
-                f"{cols['lon']!r} value is within ±90 (the old Im2GPS3k CSV has this header bug)",
+                f"{lat[i]} at {_row_label(i, source)} (|lat| must be <= 90; {int(n_out)} of {n} rows are "
+                f"like it) while every {cols['lon']!r} value is within ±90 (the old Im2GPS3k CSV has this "
+                "header bug)",
                 "pass --fix-swapped to swap them, or fix the header",
             )
         lat, lon = lon, lat

@@ -22,7 +22,6 @@ part and commits it (``ArtifactWriter.commit_part``). A re-run after a crash reu
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
@@ -122,7 +121,7 @@ class _ShardBatches(IterableDataset):
                 yield from self._shard(j, sh)
 
     def _shard(self, j: int, sh: _Shard):
-        from PIL import Image
+        from locdiff.datasets.images import decode_image
 
         wanted = dict(zip(sh.members, sh.image_ids, strict=True))
         found: dict[str, bytes] = {}
@@ -138,8 +137,7 @@ class _ShardBatches(IterableDataset):
                 skipped.append((iid, f"member {member} missing from {sh.relpath}"))
             else:
                 try:
-                    with Image.open(io.BytesIO(data)) as im:
-                        im.load()
+                    with decode_image(data) as im:  # bombs and broken files: a skipped row
                         xs.append(self.preprocess(im))
                     ids.append(iid)
                 except Exception as exc:  # noqa: BLE001 - any decode failure skips the image

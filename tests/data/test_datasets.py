@@ -69,13 +69,18 @@ def test_validation_errors_name_file_and_row(tmp_path):
 
 def test_swapped_lat_lon_header_is_detected_and_fixable(tmp_path):
     # header says LAT,LON but the columns hold lon,lat (the old Im2GPS3k CSV)
-    text = "IMG_ID,LAT,LON\na.jpg,-74.0,40.7\nb.jpg,139.7,35.7\nc.jpg,2.35,48.9\n"
+    # (evidence from the whole columns: 3 of 6 LAT values are longitudes beyond ±90, every LON is within ±90)
+    text = (
+        "IMG_ID,LAT,LON\na.jpg,-74.0,40.7\nb.jpg,139.7,35.7\nc.jpg,2.35,48.9\n"
+        "d.jpg,151.2,-33.9\ne.jpg,-118.2,34.1\nf.jpg,13.4,52.5\n"
+    )
     p = write_csv(tmp_path / "im2gps3k.csv", text)
     with pytest.raises(DataValidationError, match=r"look swapped: 'LAT' has 139.7 at line 3") as ei:
         validate_file(p)
     assert "--fix-swapped" in ei.value.hint
     v = validate_file(p, fix_swapped=True)
-    assert v.table["lat"].tolist() == [40.7, 35.7, 48.9] and v.table["lon"].tolist() == [-74.0, 139.7, 2.35]
+    assert v.table["lat"].tolist() == [40.7, 35.7, 48.9, -33.9, 34.1, 52.5]
+    assert v.table["lon"].tolist() == [-74.0, 139.7, 2.35, 151.2, -118.2, 13.4]
     assert any("swapped" in n for n in v.notes)
 
 
@@ -254,12 +259,15 @@ def test_prepare_local_files_resumes_after_a_failure(tmp_path, store):
     with pytest.raises(KeyboardInterrupt):
         prepare_from_manifest(store, "mine", manifest, images_root=imgs, shard_size=2, progress=boom)
     assert store.list() == []
-    (imgs / "3.bak").rename(imgs / "3.jpg")  # would change shard 1 if it were rebuilt
     key = prepare_from_manifest(store, "mine", manifest, images_root=imgs, shard_size=2)
     man = store.manifest(key)
     assert man["shards_reused"] == 2 and man["n_shards"] == 3 and man["rows"] == 4
     assert man["skipped"][0]["image_id"] == "i3" and "file not found" in man["skipped"][0]["reason"]
     assert man["splits"] == {"train": 3, "val": 1}
+    # the key covers the images (sizes, mtimes): the restored file is a new input, so a new build
+    (imgs / "3.bak").rename(imgs / "3.jpg")
+    key2 = prepare_from_manifest(store, "mine", manifest, images_root=imgs, shard_size=2)
+    assert key2 != key and store.manifest(key2)["rows"] == 5
 
 
 # --------------------------------------------------------------------------------------------- catalog

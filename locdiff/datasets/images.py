@@ -1,0 +1,66 @@
+"""Decode one untrusted image safely: every failure becomes an :class:`ImageError` with a reason.
+
+Used wherever user-supplied image bytes are decoded (``prepare``'s check, ``embed``, ``predict``), so
+that one hostile or broken image is a skipped row with a reason, never a crash of the batch:
+decompression bombs (Pillow's own limit, and ours: more than :data:`MAX_PIXELS` pixels is refused
+before any pixel is decoded), truncated or corrupt files, unknown formats, and any other exception
+Pillow raises while decoding.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS (warned there, refused here)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; ``reason`` is short and fit for a skipped-row listing."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decode_image(src: bytes | bytearray | memoryview | str | os.PathLike, *, max_pixels: int = MAX_PIXELS):
+    """Open and fully decode an image from bytes or a local path; returns a loaded ``PIL.Image``.
+
+    Raises :class:`ImageError` (a ``ValueError``) for anything that is not a usable image. The caller
+    owns the returned image (``with decode_image(b) as im: ...``).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(src, bytes | bytearray | memoryview):
+        if not len(src):
+            raise ImageError("empty file")
+        fp = io.BytesIO(bytes(src))
+    else:
+        fp = Path(src)
+        if not fp.is_file():
+            raise ImageError(f"file not found: {fp}")
+    try:
+        im = Image.open(fp)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"decompression bomb ({exc})") from None
+    except UnidentifiedImageError:
+        raise ImageError("not a decodable image") from None
+    except Exception as exc:  # noqa: BLE001 - hostile input: any failure is this image's problem
+        raise ImageError(f"undecodable image ({type(exc).__name__}: {exc})"[:300]) from None
+    try:
+        width, height = im.size
+        if width <= 0 or height <= 0:
+            raise ImageError(f"undecodable image (size {width}x{height})")
+        if width * height > max_pixels:
+            raise ImageError(f"decompression bomb ({width}x{height} pixels; the limit is {max_pixels})")
+        im.load()  # a full decode: catches truncated files that verify() lets through
+    except ImageError:
+        im.close()
+        raise
+    except Exception as exc:  # noqa: BLE001
+        im.close()
+        if isinstance(exc, Image.DecompressionBombError):
+            raise ImageError(f"decompression bomb ({exc})") from None
+        raise ImageError(f"undecodable image ({type(exc).__name__}: {exc})"[:300]) from None
+    return im

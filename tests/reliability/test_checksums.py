@@ -1,0 +1,164 @@
+"""Every read of a committed part is checked against the manifest's sha256, in one pass; writers hash
+while writing; resume re-checks a reused part's checksum, not just its size."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from locdiff import storage
+from locdiff.storage import ChecksumMismatchError, Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store.from_uri("file://" + str(tmp_path / "store"))
+
+
+def _artifact(store, payload: bytes = b"0123456789" * 100_000):
+    key = store.key("bench", "blob", "1", {"n": len(payload)})
+    with store.writer(key) as w:
+        w.write_bytes("blob.bin", payload)
+        w.write_table("t.parquet", pa.table({"x": list(range(1000))}))
+        w.write_bytes("note.txt", "héllo\nworld\n".encode())
+    return key, payload
+
+
+def _flip(path: Path, at: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_intact_reads_pass_every_way(store):
+    key, payload = _artifact(store)
+    assert store.read_bytes(key, "blob.bin") == payload
+    with store.open(key, "blob.bin") as f:  # small sequential reads
+        got = b"".join(iter(lambda: f.read(777), b""))
+    assert got == payload
+    with store.open(key, "blob.bin") as f:  # random access
+        f.seek(500_000)
+        assert f.read(10) == payload[500_000:500_010]
+        f.seek(-5, io.SEEK_END)
+        assert f.read() == payload[-5:]
+    with store.open(key, "blob.bin") as f:  # a partial read: the rest is checked on close
+        assert f.read(3) == payload[:3]
+    with store.open(key, "note.txt", "r") as f:
+        assert f.read() == "héllo\nworld\n"
+    assert store.read_table(key, "t.parquet")["x"].to_pylist() == list(range(1000))
+    assert store.read_table(key, "t.parquet", columns=["x"]).num_rows == 1000
+
+
+@pytest.mark.parametrize("how", ["whole", "chunks", "seek", "partial", "table"])
+def test_a_tampered_part_is_refused_naming_artifact_and_part(store, how):
+    key, payload = _artifact(store)
+    rel = "t.parquet" if how == "table" else "blob.bin"
+    _flip(Path(store.uri(key, rel)), at=len(payload) - 10 if how != "table" else 40)
+    fresh = Store.from_uri(store.url)  # no verification cached from the writer's process state
+    with pytest.raises(ChecksumMismatchError, match=f"artifact {key}, part {rel} fails its checksum"):
+        if how == "whole":
+            fresh.read_bytes(key, rel)
+        elif how == "chunks":
+            with fresh.open(key, rel) as f:
+                while f.read(4096):
+                    pass
+        elif how == "seek":
+            with fresh.open(key, rel) as f:
+                f.seek(10)
+                f.read(10)
+        elif how == "partial":
+            with fresh.open(key, rel) as f:
+                f.read(10)
+        else:
+            fresh.read_table(key, rel)
+    assert fresh.read_bytes(key, rel, verify=False) != b""  # the unchecked path still exists, on request
+
+
+def test_a_truncated_part_is_refused_before_any_byte_is_read(store):
+    key, payload = _artifact(store)
+    path = Path(store.uri(key, "blob.bin"))
+    path.write_bytes(payload[:-1000])
+    with pytest.raises(ChecksumMismatchError, match=r"part blob\.bin fails its checksum \(999000 bytes"):
+        store.open(key, "blob.bin")
+
+
+def test_the_writer_hashes_while_writing_and_does_not_read_parts_back(store, monkeypatch):
+    reads: list[str] = []
+    real = storage.hash_file
+
+    def counting(fs, path):
+        reads.append(path)
+        return real(fs, path)
+
+    monkeypatch.setattr(storage, "hash_file", counting)
+    key = store.key("bench", "w", "1", {})
+    with store.writer(key) as w:
+        for i in range(3):
+            with w.open(f"part-{i}.bin") as f:
+                f.write(b"abc" * (i + 1))
+                f.write(memoryview(b"xyz"))
+            w.commit_part(f"part-{i}.bin", rows=1)
+        w.write_table("t.parquet", pa.table({"x": [1, 2]}))
+    assert reads == []
+    man = store.manifest(key)
+    for e in man["files"]:
+        data = Path(store.uri(key, e["relpath"])).read_bytes()
+        assert e["sha256"] == hashlib.sha256(data).hexdigest() and e["size"] == len(data)
+    # a file written to w.path() by another writer is hashed at commit (it was not seen being written)
+    key2 = store.key("bench", "w2", "1", {})
+    with store.writer(key2) as w:
+        Path(w.path("ext.bin")).write_bytes(b"external")
+    assert len(reads) == 1 and store.verify(key2) == []
+
+
+def test_resume_rejects_a_reused_part_whose_bytes_changed(store):
+    key = store.key("bench", "resume", "1", {})
+    with pytest.raises(RuntimeError), store.writer(key) as w:
+        w.write_bytes("a.bin", b"A" * 1000)
+        w.commit_part("a.bin", rows=1)
+        w.write_bytes("b.bin", b"B" * 1000)
+        w.commit_part("b.bin", rows=1)
+        raise RuntimeError("crash")
+    staged = {p.name: p for p in Path(store.root, key).rglob("*.bin")}
+    _flip(staged["a.bin"], at=3)  # same size, different bytes: a size check alone would take it
+    with store.writer(key) as w:
+        assert not w.part_done("a.bin")
+        assert w.part_done("b.bin")
+        with w.open_part("b.bin") as f:
+            assert f.read() == b"B" * 1000
+        w.write_bytes("a.bin", b"A" * 1000)
+        w.commit_part("a.bin", rows=1)
+    assert store.verify(key) == [] and store.read_bytes(key, "a.bin") == b"A" * 1000
+
+
+def test_dataset_image_reads_are_checked(store, tmp_path):
+    from locdiff.datasets import shards as ds
+    from tests.data.test_datasets import jpeg
+
+    key = store.key("datasets", "tiny", "1", {})
+    recs = [ds.ImageRecord(f"i{i}", 1.0, 2.0, jpeg(i), split="test") for i in range(3)]
+    with store.writer(key) as w:
+        ds.write_dataset(w, recs, shard_size=10)
+    row = ds.read_manifest(store, key).to_pylist()[1]
+    assert ds.read_image(store, key, row["shard"], row["offset"], row["size"]) == jpeg(1)
+    _flip(Path(store.uri(key, row["shard"])), at=row["offset"] + 50)
+    fresh = Store.from_uri(store.url)
+    with pytest.raises(ChecksumMismatchError, match="part shards/shard-00000.tar fails its checksum"):
+        ds.read_image(fresh, key, row["shard"], row["offset"], row["size"])
+    with pytest.raises(ChecksumMismatchError):
+        list(ds.iter_shard(fresh, key, row["shard"]))
+
+
+@pytest.mark.e2e
+def test_s3_tampered_object_is_refused(s3_store):
+    store = s3_store
+    key, payload = _artifact(store, b"s3 bytes " * 1000)
+    assert store.read_bytes(key, "blob.bin") == payload
+    store.fs.pipe_file(store.fspath(key, "blob.bin"), payload.replace(b"s3", b"S3", 1))
+    fresh = Store.from_uri(store.url)
+    with pytest.raises(ChecksumMismatchError, match=f"artifact {key}, part blob.bin fails its checksum"):
+        fresh.read_bytes(key, "blob.bin")
