@@ -503,6 +503,30 @@ class RowWriter:
             self.tmp.unlink(missing_ok=True)
 
 
+# ------------------------------------------------------------------------------------------ sample images
+def write_sample_images(folder: Path, n: int = 8, seed: int = 0, size: int = 256) -> Path:
+    """``n`` JPEG tiles of the embedded Blue Marble imagery around MP16-gallery coordinates, plus
+    ``manifest.csv`` (image_id, path relative to the folder, true lat, lon): something to try
+    ``predict``, ``datasets prepare --manifest`` and ``evaluate`` on, offline."""
+    from locdiff.datasets.bluemarble import crop_tiles, encode_jpeg, gallery_coordinates
+
+    lat, lon = gallery_coordinates()
+    idx = np.random.default_rng(seed).choice(len(lat), n, replace=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    tiles = crop_tiles(lat[idx], lon[idx], size_px=size)
+    for i, (la, lo, tile) in enumerate(zip(lat[idx], lon[idx], tiles, strict=True)):
+        name = f"tile-{i:03d}.jpg"
+        (folder / name).write_bytes(encode_jpeg(tile))
+        rows.append((f"tile-{i:03d}", name, float(la), float(lo)))
+    manifest = folder / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "path", "lat", "lon"])
+        w.writerows(rows)
+    return manifest
+
+
 # ------------------------------------------------------------------------------------------ compatibility
 def predict_images(
     paths: list[str],

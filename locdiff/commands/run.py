@@ -332,6 +332,20 @@ def _print_row(r: dict, top_k: int) -> None:
         print(f"  mode {i}: {mlat:8.4f}, {mlon:9.4f}  mass {mass:.3f}")
 
 
+def sample_images_command(
+    folder: Path = typer.Argument(..., help="Folder to write the tiles and manifest.csv to."),
+    n: int = typer.Option(8, "--n", "-n", min=1, max=10_000, help="Number of tiles."),
+    seed: int = typer.Option(0, help="Which gallery coordinates to crop around."),
+) -> None:
+    """Write N Blue Marble JPEG tiles (+ manifest.csv with their true lat/lon) to try predict on."""
+    from locdiff.commands.predict import write_sample_images
+
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} exists and is not a folder", "pass a new or existing folder")
+    manifest = write_sample_images(folder, n=n, seed=seed)
+    print(f"{n} tiles in {folder}/; true coordinates in {manifest}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("demo")(demo_command)
     app.command("deploy")(deploy_command)
@@ -339,3 +353,4 @@ def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
     app.command("evaluate")(evaluate_command)
     app.command("predict")(predict_command)
+    app.command("sample-images")(sample_images_command)

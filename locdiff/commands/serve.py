@@ -17,7 +17,6 @@ for more to arrive), so concurrent requests share one forward pass. ``--max-batc
 off (the reference for the load test, ``benchmarks/bench_serve.py``).
 """
 
-
 import asyncio
 import base64
 import binascii

@@ -27,7 +27,12 @@ PROD = "prod"
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}$")
 
 
+LATEST = "latest"  # reserved: always the newest committed run
+
+
 def check_name(name: str) -> str:
+    if name == LATEST:
+        raise UserError(f"{LATEST!r} is reserved (it always means the newest run)", "pick another name")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise UserError(
             f"invalid model name {name!r}",
@@ -106,8 +111,9 @@ def resolve_alias(store: Store, name: str) -> str | None:
 
 
 def resolve_run(store: Store, ref: str | None) -> str:
-    """A run key from a model reference: a run key, an alias name, or None (the newest committed run)."""
-    if ref is None:
+    """A run key from a model reference: a run key, an alias name, or None / ``latest`` (the newest
+    committed run)."""
+    if ref is None or ref == LATEST:
         key = store.latest("runs")
         if key is None:
             raise UserError("no trained run in the store", "run `locdiff demo` (or train-mp16) first")
