@@ -200,7 +200,8 @@ def decode_image(data: bytes, preprocess, max_pixels: int | None = None):
 def _read_errors() -> tuple[type[BaseException], ...]:
     from PIL import Image, UnidentifiedImageError
 
-    return (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError)
+    # SyntaxError / EOFError: what some PIL plugins raise on a corrupt file while decoding
+    return (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError)
 
 
 def _reason(exc: BaseException) -> str:

@@ -167,7 +167,7 @@ def create_app(model, cfg: ServeConfig | None = None):
             raise HTTPException(400, where + "not an image (send JPEG, PNG or WebP bytes)") from None
         except Image.DecompressionBombError as exc:
             raise HTTPException(413, where + f"image too large: {exc}") from None
-        except (OSError, ValueError, SyntaxError) as exc:  # truncated / corrupt image data
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated / corrupt image data
             raise HTTPException(400, where + f"cannot decode image: {exc}"[:300]) from None
 
     async def read_body(request: Request) -> bytes:

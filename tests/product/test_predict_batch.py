@@ -17,6 +17,8 @@ def _inputs(tmp_path):
     write_image(root / "sub" / "deeper" / "b.png", size=(40, 120), color=(200, 180, 90))
     (root / "sub" / "broken.jpg").write_bytes(b"this is not a jpeg")
     (root / "notes.txt").write_text("ignored: not an image extension")
+    truncated = write_image(tmp_path / "t.jpg", size=(300, 300)).read_bytes()
+    (root / "sub" / "truncated.jpg").write_bytes(truncated[: len(truncated) // 3])
     other = write_image(tmp_path / "more" / "c.jpeg", color=(0, 0, 0))
     manifest = tmp_path / "list.csv"
     manifest.write_text(f"image_id,path\nm1,{other}\nm2,more/missing.jpg\n")
@@ -42,18 +44,21 @@ def test_folder_glob_manifest_to_csv_parquet_geojson(tmp_path, tiny_store, run_k
         store=tiny_store,
     )
     assert code == 0, err
-    assert "wrote 6 rows" in out and "(2 unreadable)" in err
+    assert "wrote 7 rows" in out and "(3 unreadable)" in err
     import pandas as pd
 
     df = pd.read_csv(out_csv)
     assert list(df.columns[:5]) == ["id", "path", "error", "lat", "lon"]
     assert {"mode1_lat", "mode1_lon", "mode1_mass", "score"} <= set(df.columns)
     by_id = df.set_index("id")
-    assert set(by_id.index) == {"a.jpg", "sub/deeper/b.png", "sub/broken.jpg", "c.jpeg", "m1", "m2"}
+    assert set(by_id.index) == {
+        *("a.jpg", "sub/deeper/b.png", "sub/broken.jpg", "sub/truncated.jpg", "c.jpeg", "m1", "m2")
+    }
     ok = by_id[by_id.error.isna()]
     assert len(ok) == 4 and ok.lat.between(-90, 90).all() and ok.lon.between(-180, 180).all()
     assert (ok.mode1_mass > 0).all()
     assert "not an image" in by_id.loc["sub/broken.jpg", "error"]
+    assert "truncated" in by_id.loc["sub/truncated.jpg", "error"]
     assert "not found" in by_id.loc["m2", "error"] and by_id.loc["m2"].isna()["lat"]
 
     out_pq, out_gj = tmp_path / "out.parquet", tmp_path / "out.geojson"
@@ -61,12 +66,12 @@ def test_folder_glob_manifest_to_csv_parquet_geojson(tmp_path, tiny_store, run_k
         code, _, err = cli("predict", str(root), "--out", str(dest), "--no-progress", store=tiny_store)
         assert code == 0, err
     t = pq.read_table(out_pq)
-    assert t.num_rows == 3 and t.schema.field("lat").type == "double"
+    assert t.num_rows == 4 and t.schema.field("lat").type == "double"
     gj = json.loads(out_gj.read_text())
-    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == 3
+    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == 4
     good = [f for f in gj["features"] if f["geometry"]]
     bad = [f for f in gj["features"] if not f["geometry"]]
-    assert len(good) == 2 and len(bad) == 1 and bad[0]["properties"]["error"]
+    assert len(good) == 2 and len(bad) == 2 and all(f["properties"]["error"] for f in bad)
     lon, lat = good[0]["geometry"]["coordinates"]
     assert lat == good[0]["properties"]["lat"] and lon == good[0]["properties"]["lon"]
 
@@ -98,3 +103,22 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, tiny_store):
         code, _, err = cli(*args, store=tiny_store)
         assert code == 2, (args, err)
         assert msg in err and "Traceback" not in err, (args, err)
+
+
+def test_manifest_of_urls_dead_links_become_error_rows(tmp_path, tiny_store, http_files):
+    write_image(http_files.root / "good.jpg")
+    manifest = tmp_path / "urls.parquet"
+    import pyarrow as pa
+
+    pq.write_table(
+        pa.table({"url": [f"{http_files.url}/good.jpg", f"{http_files.url}/gone.jpg"], "id": ["u1", "u2"]}),
+        manifest,
+    )
+    out_csv = tmp_path / "u.csv"
+    code, out, err = cli("predict", str(manifest), "--out", str(out_csv), store=tiny_store)
+    assert code == 0, err
+    import pandas as pd
+
+    df = pd.read_csv(out_csv).set_index("id")
+    assert pd.isna(df.loc["u1", "error"]) and -90 <= df.loc["u1", "lat"] <= 90
+    assert "HTTP 404" in df.loc["u2", "error"]

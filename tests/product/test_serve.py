@@ -92,6 +92,7 @@ def test_bad_inputs_are_4xx_with_a_reason(server):
     cases = [
         (dict(data=b"", headers=png), 400, "empty body"),
         (dict(data=b"GIF89a? not really", headers=png), 400, "not an image"),
+        (dict(data=_png((300, 300))[:200], headers=png), 400, "cannot decode image"),  # truncated
         (dict(data=_png((1200, 1000)), headers=png), 413, "above the limit"),  # 1.2 M px > --max-pixels
         (dict(data=os.urandom(400_000), headers=png), 413, "above the limit"),  # body > --max-bytes
         (dict(data=b"{not json", headers={"Content-Type": "application/json"}), 400, "not valid JSON"),
