@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import itertools
 import json
 import math
 import os
@@ -137,8 +138,7 @@ def expand_inputs(inputs: Iterable[str]) -> Iterator[Item]:
                 f"no such file, folder or URL: {arg}",
                 "pass image files, folders, globs or a CSV/Parquet manifest",
             )
-    for plan in plans:
-        yield from plan()
+    return itertools.chain.from_iterable(plan() for plan in plans)
 
 
 # ------------------------------------------------------------------------------------------ decoding

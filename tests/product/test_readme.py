@@ -16,7 +16,7 @@ from tests.flows.conftest import prefect_harness  # noqa: F401  (session fixture
 from tests.product.conftest import cli
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-NEEDS_STACK = ("stack", "run")
+NEEDS_STACK = ("stack", "deploy", "run")
 
 
 def readme_commands() -> list[list[str]]:
@@ -31,7 +31,8 @@ def readme_commands() -> list[list[str]]:
 
 def test_readme_lists_the_product_commands():
     firsts = [c[0] for c in readme_commands() if c]
-    for cmd in ("runs", "predict", "sample-images", "evaluate", "sql", "run", "datasets"):
+    assert firsts.index("deploy") < firsts.index("run")  # `make demo` deploys only the demo deployment
+    for cmd in ("runs", "predict", "sample-images", "evaluate", "sql", "deploy", "run", "datasets"):
         assert cmd in firsts, cmd
     run = next(c for c in readme_commands() if c[:1] == ["run"])
     assert "encoder=efficientnet-lite0" in run  # the offline encoder: ViT-L-14 weights are not on the machine
@@ -79,3 +80,55 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, tiny_store, prefect
     assert "mysample" in outputs["sql SELECT dataset, method, acc_750km, median_km, geoscore FROM metrics"]
     # the run's name survives in the store: untag it so other tests see the default again
     assert cli("runs", "untag", "prod", store=tiny_store)[0] == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_readme_stack_commands_on_a_temporary_stack(tmp_path, monkeypatch):
+    """The README's stack lines for real, in order (`stack up` stands in for `make demo`), on a stack
+    whose project folder, Prefect home (server database, default pool), port and store are temporary."""
+    from locdiff.stack import free_port
+
+    root = Path(__file__).resolve().parents[2]
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("locdiff", "locdiff_core", "pyproject.toml", "prefect.yaml"):
+        (project / name).symlink_to(root / name)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("LOCDIFF_PROJECT_DIR", str(project))
+    monkeypatch.setenv("LOCDIFF_PREFECT_PORT", str(free_port(None)))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    store = "file://" + str(tmp_path / "store")
+    monkeypatch.setenv("LOCDIFF_STORAGE", store)
+    code, out, err = cli("stack", "up")
+    assert code == 0, out + err
+    try:
+        for argv in readme_commands():
+            if argv[0] not in NEEDS_STACK or argv[:2] == ["stack", "down"]:
+                continue
+            code, out, err = _retry_503(argv)
+            assert code == 0, (argv, out, err)
+        from locdiff.storage import Store
+
+        assert Store.from_uri(store).latest("runs") is not None  # train-mp16 committed a run
+    finally:
+        code, out, err = cli("stack", "down")
+    assert code == 0, out + err
+    assert cli("stack", "status")[0] != 0  # down means down
+
+
+def _retry_503(argv: list[str]):
+    """`cli(*argv)`, retried when the stack's SQLite-backed server answers 503 (busy: seen on a loaded
+    2-core machine right after `deploy`); anything else fails at once."""
+    import time
+
+    import httpx
+
+    for attempt in range(4):
+        try:
+            return cli(*argv)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 503 or attempt == 3:
+                raise
+            time.sleep(5 * (attempt + 1))
+    raise AssertionError("unreachable")
