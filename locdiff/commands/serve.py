@@ -276,6 +276,7 @@ def serve_command(
     if not 0 < port < 65536:
         raise UserError(f"--port {port} is not a TCP port", "e.g. --port 8000")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _check_bind(host, port)
     m = load_model(model, storage, None, device)
     cfg = ServeConfig(
         max_batch=max_batch, max_wait_ms=max_wait_ms, max_bytes=max_bytes, max_pixels=max_pixels
@@ -284,10 +285,25 @@ def serve_command(
     print(
         f"serving {m.run_key} on http://{host}:{port} (device {m.device}, max batch {max_batch})", flush=True
     )
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+def _check_bind(host: str, port: int) -> None:
+    """Fail in one line, before loading the model, when the address cannot be bound (port taken)."""
+    import socket
+
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
-    except OSError as exc:  # the port is taken
-        raise UserError(f"cannot listen on {host}:{port}: {exc}", "pick another --port") from None
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UserError(f"cannot resolve --host {host!r}: {exc}", "e.g. --host 127.0.0.1") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            msg = f"cannot listen on {host}:{port}: {exc.strerror}"
+            raise UserError(msg, "pick another --port") from None
 
 
 def register(app: typer.Typer) -> None:

@@ -78,6 +78,10 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, tiny_store, prefect
     assert len((tmp_path / "predictions.csv").read_text().splitlines()) == 9  # header + 8 tiles
     assert "tag" in outputs["sql SELECT alias, run, action, created, current FROM aliases"]
     assert "mysample" in outputs["sql SELECT dataset, method, acc_750km, median_km, geoscore FROM metrics"]
+    # `runs list` now shows prod's headline metrics from the evaluation above
+    code, out, _ = cli("runs", "list", store=tiny_store)
+    line = next(ln for ln in out.splitlines() if ln.startswith("prod"))
+    assert "mysample" in line and "%" in line
     # the run's name survives in the store: untag it so other tests see the default again
     assert cli("runs", "untag", "prod", store=tiny_store)[0] == 0
 

@@ -106,3 +106,15 @@ def test_bad_inputs_are_4xx_with_a_reason(server):
         assert reason in r.json()["detail"], (reason, r.text)
     assert requests.get(server + "/health", timeout=10).json()["status"] == "ok"
     assert requests.post(server + "/predict", data=_png(), headers=png, timeout=60).status_code == 200
+
+
+def test_port_in_use_is_one_line_exit_2(tiny_store):
+    import socket
+
+    from tests.product.conftest import cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        code, _, err = cli("serve", "--port", str(s.getsockname()[1]), store=tiny_store)
+    assert code == 2 and "cannot listen on 127.0.0.1" in err and "Traceback" not in err, err
