@@ -55,25 +55,29 @@ def test_runs_cli_list_tag_untag(tiny_store, run_key):
     assert code == 2 and "no committed run" in err
 
 
-def test_nightly_follows_prod(tmp_path, tiny_store, run_key, monkeypatch):
-    """evaluate-latest's run choice: prod when tagged (a different, older run here), else the newest."""
+def test_nightly_follows_prod_else_the_newest_run(tmp_path, monkeypatch):
+    """evaluate-latest's run choice: the newest run by default; once `prod` names an older run, that
+    one; a name passed as run_key resolves too."""
     from locdiff.flows import evaluate_latest as el
+    from locdiff.stages.runs import train_run
+    from tests.flows.conftest import run_inputs, synthetic_embeddings, tiny_config
 
-    seen = {}
+    uri = "file://" + str(tmp_path / "store")
+    store = Store.from_uri(uri)
+    emb = synthetic_embeddings(store, n=120)
+    cfg = tiny_config(max_steps=5, checkpoint_every=0, log_every=5)
+    inputs = run_inputs(uri, emb, cfg)
+    older = train_run(store, emb, cfg, **inputs)
+    newer = train_run(store, emb, cfg.replace(train={"seed": 1}), **inputs)
+    assert store.latest("runs") == newer != older
 
-    def fake_evaluate_present(storage, rk, enc, datasets, baselines):
-        seen["run"] = rk
-        return [], ["skipped"]
-
-    monkeypatch.setattr(el, "evaluate_present", fake_evaluate_present)
-    store = Store.from_uri(tiny_store)
-    out = el.evaluate_latest.fn(datasets=[], storage=tiny_store)
-    assert seen["run"] == run_key and out["run"] == run_key
-    aliases.tag(store, run_key, "prod")
-    try:
-        el.evaluate_latest.fn(datasets=[], storage=tiny_store, run_key="prod")
-        assert seen["run"] == run_key
-        el.evaluate_latest.fn(datasets=[], storage=tiny_store)
-        assert seen["run"] == run_key
-    finally:
-        aliases.untag(store, "prod")
+    seen = []
+    monkeypatch.setattr(el, "evaluate_present", lambda s, rk, *a, **k: (seen.append(rk), ([], ["-"]))[1])
+    el.evaluate_latest.fn(datasets=[], storage=uri)
+    aliases.tag(store, older, "prod")
+    el.evaluate_latest.fn(datasets=[], storage=uri)
+    aliases.tag(store, newer, "candidate")
+    el.evaluate_latest.fn(datasets=[], storage=uri, run_key="candidate")
+    aliases.untag(store, "prod")
+    el.evaluate_latest.fn(datasets=[], storage=uri)
+    assert seen == [newer, older, newer, newer]
