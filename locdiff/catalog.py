@@ -9,6 +9,7 @@ Convention (what each stage's committed artifact holds, so the views can find it
 | ``embeddings``| ``part-*.parquet`` (any folder) | ``embeddings`` (one row per image)      |
 | ``runs``     | manifest.json; ``curves.parquet`` | ``runs`` (one row per run); ``curves``    |
 | ``eval``     | ``predictions.parquet``, ``metrics.parquet`` | ``predictions``, ``metrics``  |
+| ``aliases``  | manifest.json               | ``aliases`` (one row per model-name change; ``current``) |
 
 Every view also has ``key`` (the artifact key) and ``name`` (the artifact name) columns. A view over
 zero artifacts still exists, empty, with its core columns, so queries never fail on a fresh store.
@@ -36,7 +37,7 @@ from locdiff.storage import Store, hash_file
 
 PROTOCOL = "locdiffstore"
 
-VIEWS = ("artifacts", "datasets", "embeddings", "runs", "curves", "predictions", "metrics")
+VIEWS = ("artifacts", "datasets", "embeddings", "runs", "curves", "predictions", "metrics", "aliases")
 
 # (stage, file pattern) feeding each Parquet-backed view, and its columns when empty.
 _SOURCES = {
@@ -313,6 +314,12 @@ def refresh(
         "FROM artifacts WHERE stage = 'runs'"
     )
     rofs.files = {}
+    con.execute(
+        "CREATE OR REPLACE VIEW aliases AS SELECT key, name AS alias, "
+        "json_extract_string(info, '$.run') AS run, json_extract_string(info, '$.action') AS action, "
+        "created, row_number() OVER (PARTITION BY name ORDER BY created DESC, key DESC) = 1 AS current "
+        "FROM artifacts WHERE stage = 'aliases'"
+    )
     for view, (stage, pattern) in _SOURCES.items():
         files: list[tuple[str, str, str, str]] = []  # (uri, key, name, relpath)
         for m in manifests:

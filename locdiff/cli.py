@@ -25,8 +25,9 @@ app = typer.Typer(
 _SUBAPPS = [
     ("locdiff.commands.data", "datasets_app", "datasets"),
     ("locdiff.commands.stack", "stack_app", "stack"),
+    ("locdiff.commands.runs", "runs_app", "runs"),
 ]
-_COMMAND_MODULES = ["locdiff.commands.data", "locdiff.commands.run"]
+_COMMAND_MODULES = ["locdiff.commands.data", "locdiff.commands.run", "locdiff.commands.serve"]
 
 
 @app.command()
@@ -37,7 +38,14 @@ def version() -> None:
     print(__version__)
 
 
+_mounted = False
+
+
 def _mount() -> None:
+    global _mounted
+    if _mounted:
+        return
+    _mounted = True
     for module, attr, name in _SUBAPPS:
         try:
             mod = importlib.import_module(module)

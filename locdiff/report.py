@@ -57,6 +57,7 @@ def metrics_rows(dataset: str, results: Mapping[str, Mapping]) -> list[dict]:
         for k in ACC_KEYS:
             row[k] = None if m.get(k) is None else round(100.0 * float(m[k]), 1)
         row["median_km"] = None if m.get("median_km") is None else round(float(m["median_km"]), 1)
+        row["geoscore"] = None if m.get("geoscore") is None else round(float(m["geoscore"]), 1)
         row["n"] = m.get("n")
         rows.append(row)
     return rows + published_rows(dataset)
@@ -82,9 +83,9 @@ def markdown_table(rows: Sequence[Mapping]) -> str:
 
 
 def text_table(rows: Sequence[Mapping]) -> str:
-    """The same table, aligned for a terminal."""
-    head = ["dataset", "method", *[f"{t}km" for t in THRESHOLDS_KM], "median_km", "n"]
-    keys = ["dataset", "method", *ACC_KEYS, "median_km", "n"]
+    """The same table, aligned for a terminal, with GeoScore (mean 5000·exp(−d/1492.7), out of 5000)."""
+    head = ["dataset", "method", *[f"{t}km" for t in THRESHOLDS_KM], "median_km", "geoscore", "n"]
+    keys = ["dataset", "method", *ACC_KEYS, "median_km", "geoscore", "n"]
     body = []
     for r in rows:
         cells = []
@@ -133,7 +134,7 @@ def world_map_png(
     seed: int = 0,
 ) -> bytes:
     """PNG of predictions vs truth on Blue Marble: truth as dots, predictions as crosses, a line
-    between each pair (lines crossing the antimeridian are drawn the short way, split in two)."""
+    between each pair (the great-circle arc, split where it crosses the antimeridian)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -184,19 +185,52 @@ def world_map_png(
     return png
 
 
+def great_circle_segments(
+    lon1: float, lat1: float, lon2: float, lat2: float, n: int = 48
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The great-circle arc between two points as (lon, lat) polylines in degrees, split where it
+    crosses the antimeridian (each piece ends on the ±180° edge), so nothing is drawn across the map."""
+    a = np.radians([lat1, lon1, lat2, lon2])
+    p = np.array([math.cos(a[0]) * math.cos(a[1]), math.cos(a[0]) * math.sin(a[1]), math.sin(a[0])])
+    q = np.array([math.cos(a[2]) * math.cos(a[3]), math.cos(a[2]) * math.sin(a[3]), math.sin(a[2])])
+    omega = math.acos(float(np.clip(p @ q, -1.0, 1.0)))
+    t = np.linspace(0.0, 1.0, n)[:, None]
+    if omega < 1e-9:
+        pts = np.repeat(p[None], n, 0)
+    elif math.pi - omega < 1e-6:  # antipodal: every great circle through p joins them; take a meridian
+        z = np.array([0.0, 0.0, 1.0]) if abs(p[2]) < 0.999 else np.array([1.0, 0.0, 0.0])
+        m = z - (z @ p) * p
+        m /= np.linalg.norm(m)
+        pts = np.cos(t * math.pi) * p + np.sin(t * math.pi) * m
+    else:
+        pts = (np.sin((1 - t) * omega) * p + np.sin(t * omega) * q) / math.sin(omega)
+    pts = pts / np.linalg.norm(pts, axis=1, keepdims=True)
+    lat = np.degrees(np.arcsin(np.clip(pts[:, 2], -1, 1)))
+    lon = np.degrees(np.arctan2(pts[:, 1], pts[:, 0]))
+    pieces: list[tuple[np.ndarray, np.ndarray]] = []
+    cur_lon, cur_lat = [lon[0]], [lat[0]]
+    for i in range(1, n):
+        d = lon[i] - lon[i - 1]
+        if abs(d) > 180:  # crossing: interpolate the latitude at the edge on the unwrapped segment
+            nxt = lon[i] - 360 if d > 0 else lon[i] + 360
+            edge = 180.0 if nxt > lon[i - 1] else -180.0
+            f = (edge - lon[i - 1]) / (nxt - lon[i - 1])
+            lat_e = lat[i - 1] + f * (lat[i] - lat[i - 1])
+            cur_lon.append(edge)
+            cur_lat.append(lat_e)
+            pieces.append((np.array(cur_lon), np.array(cur_lat)))
+            cur_lon, cur_lat = [-edge], [lat_e]
+        cur_lon.append(lon[i])
+        cur_lat.append(lat[i])
+    pieces.append((np.array(cur_lon), np.array(cur_lat)))
+    return pieces
+
+
 def _great_line(ax, lon1: float, lat1: float, lon2: float, lat2: float) -> None:
-    """A straight segment in lat/lon, wrapped across the antimeridian when that is shorter."""
-    d = lon2 - lon1
+    """The great-circle arc between truth and prediction, wrapped at the antimeridian."""
     kw = dict(color="white", alpha=0.35, linewidth=0.5, zorder=2)
-    if abs(d) <= 180:
-        ax.plot([lon1, lon2], [lat1, lat2], **kw)
-        return
-    lon2u = lon2 - 360 if d > 0 else lon2 + 360  # unwrapped end
-    edge = 180.0 if lon2u > lon1 else -180.0
-    t = (edge - lon1) / (lon2u - lon1)
-    lat_e = lat1 + t * (lat2 - lat1)
-    ax.plot([lon1, edge], [lat1, lat_e], **kw)
-    ax.plot([-edge, lon2], [lat_e, lat2], **kw)
+    for lons, lats in great_circle_segments(lon1, lat1, lon2, lat2):
+        ax.plot(lons, lats, **kw)
 
 
 def error_cdf_png(distances_km: Mapping[str, np.ndarray], title: str = "") -> bytes:

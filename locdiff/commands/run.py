@@ -190,12 +190,23 @@ def train_command(
 
 def evaluate_command(
     dataset: list[str] = typer.Option(None, "--dataset", "-d", help="Datasets (default: the nightly four)."),
-    run: str = typer.Option(None, help="Run key (default: the newest committed run)."),
+    run: str = typer.Option(
+        None, "--run", "--model", "-m", help="Run key or name (default: prod, else the newest run)."
+    ),
+    storage: str = typer.Option(
+        None, "--storage", help="Store URI (default: $LOCDIFF_STORAGE or data/store)."
+    ),
 ) -> None:
     """Evaluate a committed run on benchmarks present locally (absent ones are skipped with a note)."""
     from locdiff.flows.evaluate_latest import evaluate_latest
+    from locdiff.stages import aliases
+    from locdiff.storage import Store
 
-    out = _run_flow_in_process(evaluate_latest, datasets=list(dataset) if dataset else None, run_key=run)
+    store = Store.from_uri(storage)
+    run = aliases.resolve_run(store, run) if run else aliases.default_run(store)  # one-line errors here
+    out = _run_flow_in_process(
+        evaluate_latest, datasets=list(dataset) if dataset else None, run_key=run, storage=storage
+    )
     for n in out["notes"]:
         print(n)
     if out["report"]:
@@ -204,39 +215,135 @@ def evaluate_command(
 
 
 def predict_command(
-    images: list[Path] = typer.Argument(..., help="Image files.", exists=False),
-    checkpoint: str = typer.Option(
-        None, help="Run key in the store or a .pt checkpoint file (default: newest run)."
+    inputs: list[str] = typer.Argument(
+        ..., help="Image files, folders (recursive), globs, http(s) URLs, or a CSV/Parquet manifest."
     ),
+    model: str = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Run key or name (`locdiff runs list`); default: prod, else the newest run.",
+    ),
+    checkpoint: str = typer.Option(None, help="A run key, or a model.pt checkpoint file (needs --encoder)."),
     encoder: str = typer.Option(None, help="Encoder (default: the one the run was trained on)."),
-    top_k: int = typer.Option(3, help="Modes to print per image."),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Write rows to FILE.csv, FILE.parquet or FILE.geojson."
+    ),
+    device: str = typer.Option("auto", help="cpu | cuda | auto."),
+    batch_size: int = typer.Option(32, help="Images per batch (bounds memory)."),
+    top_k: int = typer.Option(3, help="Modes to print per image (stdout)."),
     map_png: Path = typer.Option(None, "--map", help="Write a map of the predictions (PNG)."),
     samples: int = typer.Option(None, help="K samples per image (default: the run's config)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    storage: str = typer.Option(
+        None, "--storage", help="Store URI (default: $LOCDIFF_STORAGE or data/store)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
-    """Predict where IMAGE(s) were taken: lat/lon and the top-k modes of the spherical distribution."""
-    from locdiff.commands.predict import predict_images
+    """Predict where images were taken: lat/lon and the top-k modes of the spherical distribution.
 
-    missing = [str(p) for p in images if not p.is_file()]
-    if missing:
-        raise UserError(f"no such image file: {missing[0]}", "pass paths of JPEG/PNG files")
-    results = predict_images(
-        [str(p) for p in images], checkpoint=checkpoint, encoder=encoder, samples=samples
+    Without --out, one line per image (and its modes) is printed; with --out, rows go to the file and a
+    summary is printed. Unreadable images become rows with an error; they never stop the batch.
+    """
+    from locdiff.commands import predict as pr
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be >= 1", "e.g. --batch-size 32")
+    if model and checkpoint:
+        raise UserError("pass either --model or --checkpoint, not both", "--model takes run keys and names")
+    writer_fmt = pr.output_format(out) if out else None
+    items = pr.expand_inputs(inputs)
+    is_file = bool(checkpoint) and Path(checkpoint).is_file()
+    if checkpoint and not is_file and "/" not in checkpoint:
+        raise UserError(f"--checkpoint {checkpoint!r} is neither a file nor a run key", "e.g. runs/NAME/HASH")
+    m = pr.load_model(
+        model or (None if is_file else checkpoint), storage, encoder, device, checkpoint if is_file else None
     )
-    for path, r in zip(images, results, strict=True):
-        print(f"{path}: {r['lat']:.4f}, {r['lon']:.4f}  (score {r['score']:.3g})")
-        for i, (mlat, mlon, mass) in enumerate(
-            zip(r["modes_lat"], r["modes_lon"], r["modes_mass"], strict=True)
-        ):
-            if i >= top_k:
-                break
-            if mlat != mlat or mass <= 0:  # NaN placeholder: the distribution has fewer modes
-                continue
-            print(f"  mode {i + 1}: {mlat:8.4f}, {mlon:9.4f}  mass {mass:.3f}")
+    if samples:
+        m.predictor.config = m.predictor.config.replace(infer={"num_samples": int(samples)})
+    writer = pr.RowWriter(out, m.columns) if out else None
+    timings = pr.Timings()
+    kept: list[dict] = []  # for --map (capped)
+    bar = _progress_bar(progress and writer is not None)
+    try:
+        with bar:
+            task = bar.add_task("predict", total=None)
+            for rows in pr.predict_batches(items, m, batch_size=batch_size, seed=seed, timings=timings):
+                if writer is not None:
+                    writer.write(rows)
+                else:
+                    for r in rows:
+                        _print_row(r, top_k)
+                if map_png and len(kept) < 500:
+                    kept.extend(pr.as_result(r) for r in rows[: 500 - len(kept)])
+                bar.update(task, advance=len(rows))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.close()
+    t = timings.as_dict()
+    rate = f"{t['images_per_s']:.1f} images/s" if t["images_per_s"] else "-"
+    who = m.run_key or checkpoint
+    print(
+        f"{t['images']} images ({t['errors']} unreadable) with {who} on {m.device}: {rate}", file=sys.stderr
+    )
+    if writer is not None:
+        print(f"wrote {writer.count} rows to {out} ({writer_fmt})")
+    if t["images"] == 0:
+        raise UserError(
+            "no image found in the inputs", f"image extensions: {', '.join(sorted(pr.IMAGE_EXTS))}"
+        )
     if map_png:
-        from locdiff.commands.predict import predictions_map_png
-
-        map_png.write_bytes(predictions_map_png(results, [p.name for p in images]))
+        good = [r for r in kept if r.get("error") is None]
+        map_png.write_bytes(pr.predictions_map_png(good, [str(r["id"]) for r in good]))
         print(f"map: {map_png}")
+
+
+def _progress_bar(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def _print_row(r: dict, top_k: int) -> None:
+    if r.get("error"):
+        print(f"{r['path']}: error: {r['error']}")
+        return
+    line = f"{r['path']}: {r['lat']:.4f}, {r['lon']:.4f}  (score {r['score']:.3g})"
+    extra = [f"{k} {v:,.0f}" for k, v in r.items() if k.startswith("radius") and v is not None]
+    if r.get("hybrid_lat") is not None:
+        extra.insert(0, f"LocDiff-H {r['hybrid_lat']:.4f}, {r['hybrid_lon']:.4f}")
+    print(line + (("  " + "  ".join(extra)) if extra else ""))
+    for i in range(1, top_k + 1):
+        mlat, mlon, mass = (r.get(f"mode{i}_{p}") for p in ("lat", "lon", "mass"))
+        if mlat is None or mass is None or mass <= 0:  # the distribution has fewer modes
+            continue
+        print(f"  mode {i}: {mlat:8.4f}, {mlon:9.4f}  mass {mass:.3f}")
+
+
+def sample_images_command(
+    folder: Path = typer.Argument(..., help="Folder to write the tiles and manifest.csv to."),
+    n: int = typer.Option(8, "--n", "-n", min=1, max=10_000, help="Number of tiles."),
+    seed: int = typer.Option(0, help="Which gallery coordinates to crop around."),
+) -> None:
+    """Write N Blue Marble JPEG tiles (+ manifest.csv with their true lat/lon) to try predict on."""
+    from locdiff.commands.predict import write_sample_images
+
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} exists and is not a folder", "pass a new or existing folder")
+    manifest = write_sample_images(folder, n=n, seed=seed)
+    print(f"{n} tiles in {folder}/; true coordinates in {manifest}")
 
 
 def register(app: typer.Typer) -> None:
@@ -246,3 +353,4 @@ def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
     app.command("evaluate")(evaluate_command)
     app.command("predict")(predict_command)
+    app.command("sample-images")(sample_images_command)

@@ -17,18 +17,27 @@ MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS (warned there, refu
 
 
 class ImageError(ValueError):
-    """An image that cannot be used; ``reason`` is short and fit for a skipped-row listing."""
+    """An image that cannot be used; ``reason`` is short and fit for a skipped-row listing;
+    ``too_large`` tells a size refusal (a server answers 413) from a broken file (400)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, too_large: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.too_large = too_large
 
 
-def decode_image(src: bytes | bytearray | memoryview | str | os.PathLike, *, max_pixels: int = MAX_PIXELS):
+def decode_image(
+    src: bytes | bytearray | memoryview | str | os.PathLike,
+    *,
+    max_pixels: int = MAX_PIXELS,
+    draft: int | None = None,
+):
     """Open and fully decode an image from bytes or a local path; returns a loaded ``PIL.Image``.
 
     Raises :class:`ImageError` (a ``ValueError``) for anything that is not a usable image. The caller
-    owns the returned image (``with decode_image(b) as im: ...``).
+    owns the returned image (``with decode_image(b) as im: ...``). ``draft``: a JPEG is decoded at the
+    smallest DCT scale still at least ``draft`` pixels on each side (much faster for large photos that
+    the encoder shrinks anyway).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -43,7 +52,7 @@ def decode_image(src: bytes | bytearray | memoryview | str | os.PathLike, *, max
     try:
         im = Image.open(fp)
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"decompression bomb ({exc})") from None
+        raise ImageError(f"decompression bomb ({exc})", too_large=True) from None
     except UnidentifiedImageError:
         raise ImageError("not a decodable image") from None
     except Exception as exc:  # noqa: BLE001 - hostile input: any failure is this image's problem
@@ -53,7 +62,11 @@ def decode_image(src: bytes | bytearray | memoryview | str | os.PathLike, *, max
         if width <= 0 or height <= 0:
             raise ImageError(f"undecodable image (size {width}x{height})")
         if width * height > max_pixels:
-            raise ImageError(f"decompression bomb ({width}x{height} pixels; the limit is {max_pixels})")
+            raise ImageError(
+                f"decompression bomb ({width}x{height} pixels; the limit is {max_pixels})", too_large=True
+            )
+        if draft and im.format == "JPEG":
+            im.draft("RGB", (draft, draft))
         im.load()  # a full decode: catches truncated files that verify() lets through
     except ImageError:
         im.close()
@@ -61,6 +74,6 @@ def decode_image(src: bytes | bytearray | memoryview | str | os.PathLike, *, max
     except Exception as exc:  # noqa: BLE001
         im.close()
         if isinstance(exc, Image.DecompressionBombError):
-            raise ImageError(f"decompression bomb ({exc})") from None
+            raise ImageError(f"decompression bomb ({exc})", too_large=True) from None
         raise ImageError(f"undecodable image ({type(exc).__name__}: {exc})"[:300]) from None
     return im

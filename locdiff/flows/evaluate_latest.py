@@ -1,4 +1,4 @@
-"""`evaluate-latest` (nightly): evaluate the newest committed run on the benchmarks present locally."""
+"""`evaluate-latest` (nightly): evaluate the `prod` model (else the newest run) on the benchmarks present."""
 
 from __future__ import annotations
 
@@ -14,16 +14,20 @@ NIGHTLY_DATASETS = ["yfcc26k", "gws15k", "im2gps3k", "yfcc4k"]
 def evaluate_latest(
     datasets: list[str] | None = None, run_key: str | None = None, storage: str | None = None
 ) -> dict:
-    """Evaluate `run_key` (default: the newest committed run) on each dataset present locally; a
-    dataset not prepared in the store is skipped with a note in the report."""
+    """Evaluate `run_key` (a run key or a model name; default: the run named `prod`, else the newest
+    committed run) on each dataset present locally; a dataset not prepared in the store is skipped with
+    a note in the report."""
     from locdiff.errors import UserError
+    from locdiff.stages import aliases
     from locdiff.stages.runs import run_encoder
     from locdiff.storage import Store
 
     store = Store.from_uri(storage)
-    run_key = run_key or store.latest("runs")
-    if run_key is None:
+    if run_key is None and store.latest("runs") is None:
         raise UserError("no committed training run in the store", "run `locdiff demo` or train-mp16 first")
+    # a run key or a model name (`locdiff runs tag`); by default the run named `prod`, else the newest
+    run_key = aliases.resolve_run(store, run_key) if run_key else aliases.default_run(store)
+    print(f"evaluating {run_key}")
     eval_keys, notes = evaluate_present(
         storage, run_key, run_encoder(store, run_key), NIGHTLY_DATASETS if datasets is None else datasets, []
     )

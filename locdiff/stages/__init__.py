@@ -11,6 +11,7 @@ Each module owns its artifact's key, build and load:
 | ``runs``             | runs.py       | checkpoints, curves                                           |
 | ``eval``             | evals.py      | predictions, metrics                                          |
 | ``reports``          | reports.py    | report.md, figures, metrics.json                              |
+| ``aliases``          | aliases.py    | one model-name change (tag/untag of a run)                    |
 
 ``VERSIONS`` is the one version table: bump a stage's entry when what it writes changes, and its keys
 (and every key downstream, through ``upstream``) change with it. :func:`get_or_build` is the one
@@ -30,7 +31,8 @@ VERSIONS = {
     "anchors": "2",
     "runs": "2",
     "eval": "2",
-    "reports": "2",
+    "reports": "3",  # 3: metrics rows carry geoscore
+    "aliases": "1",
 }
 STAGES = tuple(VERSIONS)
 

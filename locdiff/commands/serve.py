@@ -1,0 +1,304 @@
+"""`locdiff serve`: predictions over HTTP (FastAPI + uvicorn) with dynamic batching.
+
+Endpoints:
+
+- ``GET /health`` -> ``{"status": "ok", "model": RUN_KEY, "device": ..., "max_batch": ..., ...}``
+- ``POST /predict`` with one image as the raw body (``Content-Type: image/*`` or
+  ``application/octet-stream``; ``curl --data-binary @photo.jpg``), or a JSON body
+  ``{"images": ["<base64>", ...]}`` for several -> ``{"model": RUN_KEY, "predictions": [{"lat", "lon",
+  "score", "modes": [{"lat", "lon", "mass"}, ...], + every further column the model returns (e.g.
+  LocDiff-H, credible radii)}]}``.
+
+Bad input is a 4xx with a reason (``{"detail": ...}``), never a 500: an empty body or a non-image is 400,
+a body above ``--max-bytes`` or an image above ``--max-pixels`` is 413, a JSON body of the wrong shape
+is 422. Images are decoded on a thread pool per request; the encoder + diffusion run in one inference
+thread that takes every image waiting (up to ``--max-batch``, after waiting at most ``--max-wait-ms``
+for more to arrive), so concurrent requests share one forward pass. ``--max-batch 1`` turns batching
+off (the reference for the load test, ``benchmarks/bench_serve.py``).
+"""
+
+import asyncio
+import base64
+import binascii
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import typer
+
+from locdiff.errors import UserError
+
+DEFAULT_MAX_BYTES = 16 << 20
+DEFAULT_MAX_PIXELS = 40_000_000
+MAX_IMAGES_PER_REQUEST = 64
+
+
+@dataclass
+class ServeConfig:
+    max_batch: int = 16
+    max_wait_ms: float = 5.0
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_workers: int = 2
+    seed: int = 0
+
+
+class Batcher:
+    """Collects preprocessed images from concurrent requests and predicts them together."""
+
+    def __init__(self, model, cfg: ServeConfig) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="locdiff-infer")
+        self.batches = 0
+        self.images = 0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        self.infer_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, tensors: list) -> list[dict]:
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in tensors]
+        for t, f in zip(tensors, futs, strict=True):
+            self.queue.put_nowait((t, f))
+        return list(await asyncio.gather(*futs))
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self.queue.get()
+            batch = [first]
+            deadline = loop.time() + self.cfg.max_wait_ms / 1000.0
+            while len(batch) < self.cfg.max_batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except TimeoutError:
+                    break
+            try:
+                rows = await loop.run_in_executor(self.infer_pool, self._infer, [t for t, _ in batch])
+            except Exception as exc:  # a bug: report it on each waiting request, keep serving
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(exc)
+                continue
+            self.batches += 1
+            self.images += len(batch)
+            for (_, f), row in zip(batch, rows, strict=True):
+                if not f.done():
+                    f.set_result(row)
+
+    def _infer(self, tensors: list) -> list[dict]:
+        import torch
+
+        from locdiff.commands.predict import _flatten, _predict
+
+        with torch.inference_mode():
+            emb = self.model.encoder(torch.stack(tensors)).cpu().numpy()
+        return _flatten(_predict(self.model, emb, self.cfg.seed), len(tensors))
+
+
+def to_json(row: dict) -> dict:
+    """A flat prediction row -> the response's object (modes nested)."""
+    out: dict = {}
+    modes: dict[int, dict] = {}
+    for k, v in row.items():
+        if k.startswith("mode") and "_" in k and k[4 : k.index("_")].isdigit():
+            j = int(k[4 : k.index("_")])
+            modes.setdefault(j, {})[k[k.index("_") + 1 :]] = v
+        else:
+            out[k] = v
+    out["modes"] = [
+        modes[j] for j in sorted(modes) if modes[j].get("lat") is not None and (modes[j].get("mass") or 0) > 0
+    ]
+    return out
+
+
+def create_app(model, cfg: ServeConfig | None = None):
+    """The FastAPI app serving ``model`` (a ``locdiff.commands.predict.Model``)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, HTTPException, Request
+
+    from locdiff.commands.predict import image_tensor
+    from locdiff.datasets.images import ImageError
+
+    cfg = cfg or ServeConfig()
+    decode_pool = ThreadPoolExecutor(
+        max_workers=max(1, cfg.decode_workers), thread_name_prefix="locdiff-decode"
+    )
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher = Batcher(model, cfg)
+        batcher.start()
+        state["batcher"] = batcher
+        state["started"] = time.time()
+        yield
+        await batcher.stop()
+        decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="locdiff", lifespan=lifespan)
+
+    def decode(data: bytes, index: int | None):
+        where = "" if index is None else f"image {index}: "
+        try:
+            return image_tensor(data, model.encoder.preprocess, cfg.max_pixels)
+        except ImageError as exc:  # the shared safe decoder: every failure is one of these
+            hint = "" if exc.too_large else " (send JPEG, PNG or WebP bytes)"
+            raise HTTPException(413 if exc.too_large else 400, where + exc.reason + hint) from None
+
+    async def read_body(request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                raise HTTPException(400, "bad Content-Length header") from None
+            if n > cfg.max_bytes:
+                raise HTTPException(413, f"request body is {n:,} bytes, above the limit of {cfg.max_bytes:,}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cfg.max_bytes:
+                raise HTTPException(413, f"request body is above the limit of {cfg.max_bytes:,} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @app.get("/health")
+    async def health() -> dict:
+        b = state.get("batcher")
+        return {
+            "status": "ok",
+            "model": model.run_key,
+            "device": model.device,
+            "max_batch": cfg.max_batch,
+            "max_wait_ms": cfg.max_wait_ms,
+            "max_bytes": cfg.max_bytes,
+            "max_pixels": cfg.max_pixels,
+            "batches": b.batches if b else 0,
+            "images": b.images if b else 0,
+        }
+
+    @app.post("/predict")
+    async def predict(request: Request) -> dict:
+        body = await read_body(request)
+        if not body:
+            raise HTTPException(400, 'empty body: POST the image bytes, or JSON {"images": [base64, ...]}')
+        ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if ctype == "application/json":
+            datas = _json_images(body)
+            indexed = list(enumerate(datas))
+        else:
+            indexed = [(None, body)]
+        loop = asyncio.get_running_loop()
+        tensors = await asyncio.gather(*(loop.run_in_executor(decode_pool, decode, d, i) for i, d in indexed))
+        rows = await state["batcher"].submit(list(tensors))
+        return {"model": model.run_key, "predictions": [to_json(r) for r in rows]}
+
+    return app
+
+
+def _json_images(body: bytes) -> list[bytes]:
+    import json
+
+    from fastapi import HTTPException
+
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPException(400, "body is not valid JSON") from None
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list) or not images or not all(isinstance(x, str) for x in images):
+        raise HTTPException(
+            422, 'JSON body must be {"images": ["<base64 image>", ...]} with at least one image'
+        )
+    if len(images) > MAX_IMAGES_PER_REQUEST:
+        raise HTTPException(
+            413, f"{len(images)} images in one request, above the limit of {MAX_IMAGES_PER_REQUEST}"
+        )
+    out = []
+    for i, s in enumerate(images):
+        try:
+            out.append(base64.b64decode(s, validate=True))
+        except (binascii.Error, ValueError):
+            raise HTTPException(400, f"image {i}: not valid base64") from None
+    return out
+
+
+def serve_command(
+    model: str = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Run key or name (`locdiff runs list`); default: prod, else the newest run.",
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8000, help="Port."),
+    device: str = typer.Option("auto", help="cpu | cuda | auto."),
+    max_batch: int = typer.Option(16, help="Most images per forward pass (1 = no batching)."),
+    max_wait_ms: float = typer.Option(5.0, help="How long the first image of a batch waits for others."),
+    max_bytes: int = typer.Option(DEFAULT_MAX_BYTES, help="Largest request body (bytes)."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Largest image (width x height)."),
+    storage: str = typer.Option(
+        None, "--storage", help="Store URI (default: $LOCDIFF_STORAGE or data/store)."
+    ),
+) -> None:
+    """Serve predictions over HTTP: POST /predict (image bytes, or JSON of base64 images), GET /health."""
+    import uvicorn
+
+    from locdiff.commands.predict import load_model
+
+    if max_batch < 1 or max_wait_ms < 0 or max_bytes < 1 or max_pixels < 1:
+        raise UserError("--max-batch, --max-bytes and --max-pixels must be >= 1, --max-wait-ms >= 0")
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port} is not a TCP port", "e.g. --port 8000")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _check_bind(host, port)
+    m = load_model(model, storage, None, device)
+    cfg = ServeConfig(
+        max_batch=max_batch, max_wait_ms=max_wait_ms, max_bytes=max_bytes, max_pixels=max_pixels
+    )
+    app = create_app(m, cfg)
+    print(
+        f"serving {m.run_key} on http://{host}:{port} (device {m.device}, max batch {max_batch})", flush=True
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+def _check_bind(host: str, port: int) -> None:
+    """Fail in one line, before loading the model, when the address cannot be bound (port taken)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UserError(f"cannot resolve --host {host!r}: {exc}", "e.g. --host 127.0.0.1") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            msg = f"cannot listen on {host}:{port}: {exc.strerror}"
+            raise UserError(msg, "pick another --port") from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_command)
