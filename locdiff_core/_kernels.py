@@ -1,0 +1,264 @@
+"""Fused per-point CPU kernels for the real spherical harmonics (numba), imported lazily.
+
+The torch implementation in :mod:`locdiff_core.harmonics` runs the degree recurrence as ~7 tensor passes
+per degree over all points: memory-bound, it moves the result through memory many times. Here every point's
+whole basis is computed in registers and L1 cache and written once, which brings the cost close to the
+cost of writing the result. The mathematics is the one of the module docstring of ``harmonics``:
+
+* the fully normalised recurrence in the degree (Holmes & Featherstone, J. Geodesy 76, 2002), run in
+  float64 whatever the output dtype, so float32 output is the float64 value rounded once;
+* sectoral seeds Pbar_m^m = sqrt((2m+1)/(2m)) sin(theta) Pbar_{m-1}^{m-1} in float64. Where a seed falls
+  below 2**-900 (high orders near the poles at high degree: in practice only for L above a few hundred,
+  or within a hair of the poles) the plain recurrence would lose it to underflow. Those orders, and only
+  those, run separately with an extended-range number (mantissa * 2**exponent, renormalised when it grows,
+  the "X-number" of Fukushima, J. Geodesy 86, 2012) whose value is rounded into the output dtype at the
+  end (true values below the dtype's range flush to zero);
+* cos(m phi), sin(m phi) by the angle-addition recurrence, re-anchored on the library cos/sin every 64
+  orders so that its rounding error stays at the 1e-15 level.
+
+Importing numba costs ~0.5 s, so nothing imports this module until a harmonic is computed on the CPU.
+``cache=True`` stores the compiled machine code next to this file (or, where that is not writable, in
+numba's per-user cache directory), so the one-time compile (~seconds) happens once per machine.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numba
+import numpy as np
+
+_TINY = 2.0**-900  # seeds below this take the extended-range path
+_RENORM = 2.0**200  # extended-range mantissas are renormalised above this
+_RENORM_BITS = 200
+_RESYNC = 64  # re-anchor the cos/sin(m phi) recurrence every _RESYNC orders
+_BLOCK = 64  # points per scheduling unit of the parallel loop
+
+# numba's "workqueue" threading layer (the fallback where no OpenMP/TBB runtime is found) must not be
+# entered by two Python threads at once; Prefect runs tasks in threads, so calls are serialised.
+_LOCK = threading.Lock()
+
+
+W = 8  # points per SIMD block: every lane of a vector register holds a different point (_ld reads 8)
+
+# Numba leaves LLVM's SLP vectoriser off by default; the block kernel below is written for it (8 lanes
+# loaded as a tuple, then stored), so it is switched on while this module's kernels compile, then restored.
+_slp_before = numba.config.SLP_VECTORIZE
+numba.config.SLP_VECTORIZE = 1
+
+
+@numba.njit(inline="always")
+def _ld(a, m):
+    """Row m of a ``[*, W]`` array as a tuple of W values."""
+    return (a[m, 0], a[m, 1], a[m, 2], a[m, 3], a[m, 4], a[m, 5], a[m, 6], a[m, 7])
+
+
+
+@numba.njit(cache=True, fastmath={"contract"}, boundscheck=False)
+def _block(lat_deg, lon_deg, L, a_tab, ab_tab, k_tab, log2_seed, work, dst, r0, coef, acc):
+    """The real harmonics of W points at once (lane w = point w).
+
+    With ``acc`` of length 0, write the basis of point w into ``dst[r0 + w]``; otherwise add
+    ``sum_i coef[i] Y_i(point w)`` to ``acc[w]`` without storing the basis. ``work`` is scratch
+    ``[5 * (L+1) + 5, W]`` float64.
+    """
+    store = acc.shape[0] == 0
+    n1 = L + 1
+    p_a = work[0:n1]
+    p_b = work[n1 : 2 * n1]
+    cs = work[2 * n1 : 3 * n1]
+    sn = work[3 * n1 : 4 * n1]
+    seed = work[4 * n1 : 5 * n1]
+    x = work[5 * n1]
+    s = work[5 * n1 + 1]
+    phi = work[5 * n1 + 2]
+    sqrt2 = math.sqrt(2.0)
+    for w in range(W):
+        lat = lat_deg[w] * (math.pi / 180.0)
+        phi[w] = lon_deg[w] * (math.pi / 180.0)
+        x[w] = math.sin(lat)  # cos(theta)
+        s[w] = max(math.cos(lat), 0.0)  # sin(theta)
+        cs[0, w] = 1.0
+        sn[0, w] = 0.0
+        seed[0, w] = 0.28209479177387814  # 1 / sqrt(4 pi)
+        p_a[0, w] = 0.0
+    # cos/sin(m phi) with sqrt(2) folded in for m > 0: angle addition, (c, s)(m) = (c, s)(m-1) rotated
+    # by phi, re-anchored on the library cos/sin every _RESYNC orders
+    c1 = work[5 * n1 + 3]
+    s1 = work[5 * n1 + 4]
+    for w in range(W):
+        c1[w] = math.cos(phi[w])
+        s1[w] = math.sin(phi[w])
+    for m in range(1, n1):
+        if m % _RESYNC == 0:
+            for w in range(W):
+                cs[m, w] = sqrt2 * math.cos(m * phi[w])
+                sn[m, w] = sqrt2 * math.sin(m * phi[w])
+        elif m == 1:
+            for w in range(W):
+                cs[1, w] = sqrt2 * c1[w]
+                sn[1, w] = sqrt2 * s1[w]
+        else:
+            for w in range(W):
+                cs[m, w] = cs[m - 1, w] * c1[w] - sn[m - 1, w] * s1[w]
+                sn[m, w] = sn[m - 1, w] * c1[w] + cs[m - 1, w] * s1[w]
+    # sectoral seeds; orders from the first one whose seed nears float64's range (in any lane) run apart
+    m_safe = n1
+    for m in range(1, n1):
+        low = False
+        for w in range(W):
+            v = seed[m - 1, w] * k_tab[m] * s[w]
+            seed[m, w] = v
+            if v < _TINY and v != 0.0:
+                low = True
+        if low:
+            m_safe = m
+            break
+
+    # plain float64 recurrence over the degree, orders 0..min(l, m_safe - 1), all lanes at once
+    xs = _ld(work, 5 * n1)
+    p1 = p_a  # Pbar_{l-1}^m
+    p2 = p_b  # Pbar_{l-2}^m, overwritten with Pbar_l^m
+    for l in range(n1):
+        mlim = min(l + 1, m_safe)
+        a_row = a_tab[l]
+        ab_row = ab_tab[l]
+        for m in range(min(l - 1, mlim)):
+            am = a_row[m]
+            abm = ab_row[m]
+            q = _ld(p1, m)  # all loads before the stores: lets LLVM's SLP pass use one vector per row
+            r = _ld(p2, m)
+            for w in range(W):
+                p2[m, w] = am * xs[w] * q[w] - abm * r[w]
+        if l >= 1 and l - 1 < mlim:
+            am = a_row[l - 1]
+            q = _ld(p1, l - 1)
+            for w in range(W):
+                p2[l - 1, w] = am * xs[w] * q[w]
+        if l < mlim:
+            for w in range(W):
+                p2[l, w] = seed[l, w]
+        base = l * l + l
+        if store:
+            for w in range(W):
+                dst[r0 + w, base] = p2[0, w]
+            for m in range(1, mlim):
+                v = _ld(p2, m)
+                c = _ld(cs, m)
+                t = _ld(sn, m)
+                for w in range(W):
+                    dst[r0 + w, base + m] = v[w] * c[w]
+                    dst[r0 + w, base - m] = v[w] * t[w]
+        else:
+            c0 = coef[base]
+            for w in range(W):
+                acc[w] += p2[0, w] * c0
+            for m in range(1, mlim):
+                cp = coef[base + m]
+                cn = coef[base - m]
+                for w in range(W):
+                    acc[w] += p2[m, w] * (cs[m, w] * cp + sn[m, w] * cn)
+        p1, p2 = p2, p1
+
+    # extended-range orders (rare), lane by lane, each order on its own: mantissa * 2**e
+    for w in range(W):
+        for m in range(m_safe, n1):
+            if s[w] == 0.0:  # at a pole every order m > 0 vanishes exactly
+                vals_zero = True
+            else:
+                vals_zero = False
+                lg = log2_seed[m] + m * math.log2(s[w])
+                e = math.floor(lg)
+                q1 = 2.0 ** (lg - e)  # mantissa of Pbar_m^m, in [1, 2)
+                q2 = 0.0
+                ei = int(e)
+            for l in range(m, n1):
+                if vals_zero:
+                    v = 0.0
+                else:
+                    if l > m:
+                        q = a_tab[l, m] * x[w] * q1 - ab_tab[l, m] * q2
+                        q2 = q1
+                        q1 = q
+                        if abs(q1) > _RENORM:
+                            q1 *= 1.0 / _RENORM
+                            q2 *= 1.0 / _RENORM
+                            ei += _RENORM_BITS
+                    v = math.ldexp(q1, ei) if ei > -1100 else 0.0
+                base = l * l + l
+                if store:
+                    dst[r0 + w, base + m] = v * cs[m, w]
+                    dst[r0 + w, base - m] = v * sn[m, w]
+                else:
+                    acc[w] += v * (cs[m, w] * coef[base + m] + sn[m, w] * coef[base - m])
+
+
+_F64 = numba.float64[::1]
+_T64 = numba.float64[:, ::1]
+_SIG_ARGS = (_F64, _F64, numba.int64, _T64, _T64, _F64, _F64)
+
+
+@numba.njit(
+    [(*_SIG_ARGS, numba.float32[:, ::1]), (*_SIG_ARGS, _T64)],
+    parallel=True,
+    cache=True,
+    fastmath={"contract"},
+    boundscheck=False,
+)
+def sph_harm_into(lat_deg, lon_deg, L, a_tab, ab_tab, k_tab, log2_seed, out):
+    """``out[i]`` = the real harmonics of point i, for every point (parallel over blocks of W points)."""
+    n = lat_deg.shape[0]
+    D = (L + 1) * (L + 1)
+    nblocks = (n + W - 1) // W
+    per = 8  # blocks per parallel work item
+    no_coef = np.empty(0)
+    no_acc = np.empty(0)
+    for item in numba.prange((nblocks + per - 1) // per):
+        work = np.empty((5 * (L + 1) + 5, W))
+        la = np.empty(W)
+        lo = np.empty(W)
+        tail = np.empty((W, D), dtype=out.dtype)
+        for blk in range(item * per, min(nblocks, (item + 1) * per)):
+            i0 = blk * W
+            if i0 + W <= n:
+                _block(lat_deg[i0 : i0 + W], lon_deg[i0 : i0 + W], L, a_tab, ab_tab, k_tab, log2_seed,
+                       work, out, i0, no_coef, no_acc)
+            else:  # last partial block: pad with its last point, compute into a side buffer, copy
+                nv = n - i0
+                for w in range(W):
+                    la[w] = lat_deg[min(i0 + w, n - 1)]
+                    lo[w] = lon_deg[min(i0 + w, n - 1)]
+                _block(la, lo, L, a_tab, ab_tab, k_tab, log2_seed, work, tail, 0, no_coef, no_acc)
+                for w in range(nv):
+                    out[i0 + w] = tail[w]
+
+
+@numba.njit(
+    [(_T64, _T64, _T64, numba.int64, _T64, _T64, _F64, _F64, _T64)],
+    parallel=True,
+    cache=True,
+    fastmath={"contract"},
+    boundscheck=False,
+)
+def sph_eval_points(coeffs, lat_deg, lon_deg, L, a_tab, ab_tab, k_tab, log2_seed, out):
+    """``out[b, p] = sum_i coeffs[b, i] Y_i(lat[b, p], lon[b, p])``, without materialising the basis."""
+    B, P = lat_deg.shape
+    no_dst = np.empty((0, 0))
+    for b in numba.prange(B):
+        work = np.empty((5 * (L + 1) + 5, W))
+        la = np.empty(W)
+        lo = np.empty(W)
+        acc = np.empty(W)
+        for p0 in range(0, P, W):
+            for w in range(W):
+                q = min(p0 + w, P - 1)
+                la[w] = lat_deg[b, q]
+                lo[w] = lon_deg[b, q]
+                acc[w] = 0.0
+            _block(la, lo, L, a_tab, ab_tab, k_tab, log2_seed, work, no_dst, 0, coeffs[b], acc)
+            for w in range(min(W, P - p0)):
+                out[b, p0 + w] = acc[w]
+
+
+numba.config.SLP_VECTORIZE = _slp_before
