@@ -24,7 +24,8 @@ numba's per-user cache directory), so the one-time compile (~seconds) happens on
 from __future__ import annotations
 
 import math
-import threading
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -33,11 +34,7 @@ _TINY = 2.0**-900  # seeds below this take the extended-range path
 _RENORM = 2.0**200  # extended-range mantissas are renormalised above this
 _RENORM_BITS = 200
 _RESYNC = 64  # re-anchor the cos/sin(m phi) recurrence every _RESYNC orders
-_BLOCK = 64  # points per scheduling unit of the parallel loop
 
-# numba's "workqueue" threading layer (the fallback where no OpenMP/TBB runtime is found) must not be
-# entered by two Python threads at once; Prefect runs tasks in threads, so calls are serialised.
-_LOCK = threading.Lock()
 
 
 W = 8  # points per SIMD block: every lane of a vector register holds a different point (_ld reads 8)
@@ -197,59 +194,45 @@ def _block(lat_deg, lon_deg, L, a_tab, ab_tab, k_tab, log2_seed, work, dst, r0, 
 _F64 = numba.float64[::1]
 _T64 = numba.float64[:, ::1]
 _SIG_ARGS = (_F64, _F64, numba.int64, _T64, _T64, _F64, _F64)
+_JIT = dict(cache=True, nogil=True, fastmath={"contract"}, boundscheck=False)
 
 
-@numba.njit(
-    [(*_SIG_ARGS, numba.float32[:, ::1]), (*_SIG_ARGS, _T64)],
-    parallel=True,
-    cache=True,
-    fastmath={"contract"},
-    boundscheck=False,
-)
-def sph_harm_into(lat_deg, lon_deg, L, a_tab, ab_tab, k_tab, log2_seed, out):
-    """``out[i]`` = the real harmonics of point i, for every point (parallel over blocks of W points)."""
-    n = lat_deg.shape[0]
+@numba.njit([(*_SIG_ARGS, numba.float32[:, ::1], numba.int64, numba.int64),
+             (*_SIG_ARGS, _T64, numba.int64, numba.int64)], **_JIT)
+def sph_harm_range(lat_deg, lon_deg, L, a_tab, ab_tab, k_tab, log2_seed, out, start, stop):
+    """``out[i]`` = the real harmonics of point i, for points ``start <= i < stop`` (blocks of W)."""
     D = (L + 1) * (L + 1)
-    nblocks = (n + W - 1) // W
-    per = 8  # blocks per parallel work item
     no_coef = np.empty(0)
     no_acc = np.empty(0)
-    for item in numba.prange((nblocks + per - 1) // per):
-        work = np.empty((5 * (L + 1) + 5, W))
-        la = np.empty(W)
-        lo = np.empty(W)
-        tail = np.empty((W, D), dtype=out.dtype)
-        for blk in range(item * per, min(nblocks, (item + 1) * per)):
-            i0 = blk * W
-            if i0 + W <= n:
-                _block(lat_deg[i0 : i0 + W], lon_deg[i0 : i0 + W], L, a_tab, ab_tab, k_tab, log2_seed,
-                       work, out, i0, no_coef, no_acc)
-            else:  # last partial block: pad with its last point, compute into a side buffer, copy
-                nv = n - i0
-                for w in range(W):
-                    la[w] = lat_deg[min(i0 + w, n - 1)]
-                    lo[w] = lon_deg[min(i0 + w, n - 1)]
-                _block(la, lo, L, a_tab, ab_tab, k_tab, log2_seed, work, tail, 0, no_coef, no_acc)
-                for w in range(nv):
-                    out[i0 + w] = tail[w]
+    work = np.empty((5 * (L + 1) + 5, W))
+    la = np.empty(W)
+    lo = np.empty(W)
+    tail = np.empty((W, D), dtype=out.dtype)
+    for i0 in range(start, stop, W):
+        if i0 + W <= stop:
+            _block(lat_deg[i0 : i0 + W], lon_deg[i0 : i0 + W], L, a_tab, ab_tab, k_tab, log2_seed,
+                   work, out, i0, no_coef, no_acc)
+        else:  # last partial block: pad with its last point, compute into a side buffer, copy
+            for w in range(W):
+                la[w] = lat_deg[min(i0 + w, stop - 1)]
+                lo[w] = lon_deg[min(i0 + w, stop - 1)]
+            _block(la, lo, L, a_tab, ab_tab, k_tab, log2_seed, work, tail, 0, no_coef, no_acc)
+            for w in range(stop - i0):
+                out[i0 + w] = tail[w]
 
 
-@numba.njit(
-    [(_T64, _T64, _T64, numba.int64, _T64, _T64, _F64, _F64, _T64)],
-    parallel=True,
-    cache=True,
-    fastmath={"contract"},
-    boundscheck=False,
-)
-def sph_eval_points(coeffs, lat_deg, lon_deg, L, a_tab, ab_tab, k_tab, log2_seed, out):
-    """``out[b, p] = sum_i coeffs[b, i] Y_i(lat[b, p], lon[b, p])``, without materialising the basis."""
-    B, P = lat_deg.shape
+@numba.njit([(_T64, _T64, _T64, numba.int64, _T64, _T64, _F64, _F64, _T64, numba.int64, numba.int64)],
+            **_JIT)
+def sph_eval_range(coeffs, lat_deg, lon_deg, L, a_tab, ab_tab, k_tab, log2_seed, out, start, stop):
+    """``out[b, p] = sum_i coeffs[b, i] Y_i(lat[b, p], lon[b, p])`` for codes ``start <= b < stop``,
+    without materialising the basis."""
+    P = lat_deg.shape[1]
     no_dst = np.empty((0, 0))
-    for b in numba.prange(B):
-        work = np.empty((5 * (L + 1) + 5, W))
-        la = np.empty(W)
-        lo = np.empty(W)
-        acc = np.empty(W)
+    work = np.empty((5 * (L + 1) + 5, W))
+    la = np.empty(W)
+    lo = np.empty(W)
+    acc = np.empty(W)
+    for b in range(start, stop):
         for p0 in range(0, P, W):
             for w in range(W):
                 q = min(p0 + w, P - 1)
@@ -262,3 +245,27 @@ def sph_eval_points(coeffs, lat_deg, lon_deg, L, a_tab, ab_tab, k_tab, log2_seed
 
 
 numba.config.SLP_VECTORIZE = _slp_before
+
+
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def run_split(fn, n: int, threads: int, min_per_thread: int, *args) -> None:
+    """Run ``fn(*args, start, stop)`` over ``[0, n)`` split into ``threads`` contiguous ranges.
+
+    The kernels release the GIL, so plain Python threads run them in parallel. This avoids numba's own
+    threading layers: its OpenMP layer leaves spinning threads that slowed every later torch operation
+    ~100x here, and its workqueue layer is neither thread- nor fork-safe (Prefect runs tasks in threads).
+    """
+    global _pool
+    threads = max(1, min(threads, n // max(1, min_per_thread)))
+    if threads == 1:
+        fn(*args, 0, n)
+        return
+    pid = os.getpid()
+    if _pool is None or _pool[0] != pid or _pool[1] < threads:  # a forked child builds its own pool
+        _pool = (pid, threads, ThreadPoolExecutor(threads, thread_name_prefix="locdiff-sh"))
+    bounds = [n * t // threads for t in range(threads + 1)]
+    futures = [_pool[2].submit(fn, *args, bounds[t], bounds[t + 1]) for t in range(threads)]
+    for f in futures:
+        f.result()

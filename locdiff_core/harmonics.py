@@ -117,13 +117,6 @@ def _kernels():
     return _kernels_module or None
 
 
-def _set_numba_threads(k) -> None:
-    """Follow torch's thread setting (torch.set_num_threads) so both libraries use the same budget."""
-    import numba
-
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-
-
 _HUGE_BYTES = 1 << 24
 
 
@@ -147,9 +140,9 @@ def _real_sph_harm_numba(k, lat: torch.Tensor, lon: torch.Tensor, L: int, out_dt
     lat64 = np.ascontiguousarray(lat.detach().to(torch.float64).numpy())
     lon64 = np.ascontiguousarray(lon.detach().to(torch.float64).numpy())
     out = _empty_output(lat64.shape[0], (L + 1) ** 2, out_dtype)
-    with k._LOCK:
-        _set_numba_threads(k)
-        k.sph_harm_into(lat64, lon64, L, *_kernel_tables(L), out.numpy())
+    # threads follow torch's setting (torch.set_num_threads), so both libraries share one budget
+    k.run_split(k.sph_harm_range, lat64.shape[0], torch.get_num_threads(), 256,
+                lat64, lon64, L, *_kernel_tables(L), out.numpy())
     return out
 
 
@@ -172,9 +165,7 @@ def evaluate_at_points(coeffs: torch.Tensor, lat_deg: torch.Tensor, lon_deg: tor
     la = np.ascontiguousarray(lat_deg.detach().to(torch.float64).numpy())
     lo = np.ascontiguousarray(lon_deg.detach().to(torch.float64).numpy())
     out = np.empty(la.shape, dtype=np.float64)
-    with k._LOCK:
-        _set_numba_threads(k)
-        k.sph_eval_points(c, la, lo, L, *_kernel_tables(L), out)
+    k.run_split(k.sph_eval_range, B, torch.get_num_threads(), 16, c, la, lo, L, *_kernel_tables(L), out)
     return torch.from_numpy(out)
 
 
