@@ -244,8 +244,6 @@ def sph_eval_range(coeffs, lat_deg, lon_deg, L, a_tab, ab_tab, k_tab, log2_seed,
                 out[b, p0 + w] = acc[w]
 
 
-numba.config.SLP_VECTORIZE = _slp_before
-
 
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None
 
@@ -269,3 +267,179 @@ def run_split(fn, n: int, threads: int, min_per_thread: int, *args) -> None:
     futures = [_pool[2].submit(fn, *args, bounds[t], bounds[t + 1]) for t in range(threads)]
     for f in futures:
         f.result()
+
+
+@numba.njit(
+    [(numba.float32[:, ::1], numba.float32[::1], numba.float64[:, ::1], numba.float64[:, :, ::1],
+      numba.float64, numba.float64[:, ::1], numba.int64, numba.int64)],
+    **_JIT,
+)
+def basin_mass_range(dens, area, xyz, mode_xyz, cos_sep, out, start, stop):
+    """``out[b, j]`` = share of ``sum_g max(dens[b, g], 0) * area[g]`` from the grid points g nearer to mode
+    j than to the other modes of code b and within ``cos_sep`` of it, for codes ``start <= b < stop``."""
+    G = dens.shape[1]
+    k = mode_xyz.shape[1]
+    for b in range(start, stop):
+        for j in range(k):
+            out[b, j] = 0.0
+        total = 0.0
+        for g in range(G):
+            v = dens[b, g]
+            if v <= 0.0:
+                continue
+            total += v * area[g]
+            best = -2.0
+            owner = 0
+            x, y, z = xyz[g, 0], xyz[g, 1], xyz[g, 2]
+            for j in range(k):
+                c = mode_xyz[b, j, 0] * x + mode_xyz[b, j, 1] * y + mode_xyz[b, j, 2] * z
+                if c > best:
+                    best = c
+                    owner = j
+            if best >= cos_sep:
+                out[b, owner] += v * area[g]
+        for j in range(k):
+            out[b, j] /= max(total, 1e-300)
+
+
+@numba.njit(
+    [(numba.float64[:, :, ::1], numba.boolean[:, ::1], numba.float64, numba.int64[:, ::1],
+      numba.boolean[:, ::1], numba.int64, numba.int64)],
+    **_JIT,
+)
+def greedy_separated_range(xyz, valid, cos_sep, pos, found, start, stop):
+    """Greedy non-maximum suppression for rows ``start <= b < stop``: walk the candidates ``xyz [b, m, 3]``
+    (sorted strongest first; ``valid`` marks usable ones) and keep each one farther than ``cos_sep`` from
+    every kept one, up to ``k = pos.shape[1]``. ``pos [b, k]``: kept positions; ``found``: whether kept."""
+    m = xyz.shape[1]
+    k = pos.shape[1]
+    for b in range(start, stop):
+        n = 0
+        for i in range(m):
+            if n == k:
+                break
+            if not valid[b, i]:
+                continue
+            ok = True
+            for j in range(n):
+                q = pos[b, j]
+                c = xyz[b, i, 0] * xyz[b, q, 0] + xyz[b, i, 1] * xyz[b, q, 1] + xyz[b, i, 2] * xyz[b, q, 2]
+                if c >= cos_sep:
+                    ok = False
+                    break
+            if ok:
+                pos[b, n] = i
+                found[b, n] = True
+                n += 1
+        for j in range(n, k):
+            pos[b, j] = 0
+            found[b, j] = False
+
+
+# 3x3 stencil in the tangent plane: (east, north) offsets in steps of h
+_SU = np.array([0.0, 1.0, -1.0, 0.0, 0.0, 1.0, 1.0, -1.0, -1.0])
+_SV = np.array([0.0, 0.0, 0.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+
+
+@numba.njit(cache=True, inline="always")
+def _move(lat, lon, de, dn):
+    """Point reached from (lat, lon) [radians] by the tangent displacement (de east, dn north) [radians],
+    projected back onto the sphere."""
+    cl, sl, co, so = math.cos(lat), math.sin(lat), math.cos(lon), math.sin(lon)
+    x = cl * co - de * so - dn * sl * co
+    y = cl * so + de * co - dn * sl * so
+    z = sl + dn * cl
+    return math.atan2(z, math.hypot(x, y)), math.atan2(y, x)
+
+
+@numba.njit(
+    [(_T64, _T64, _T64, numba.float64, numba.int64, numba.int64, _T64, _T64, _F64, _F64,
+      _T64, _T64, _T64, numba.int64, numba.int64)],
+    **_JIT,
+)
+def refine_range(coeffs, lat0, lon0, h0, iters, L, a_tab, ab_tab, k_tab, log2_seed,
+                 out_lat, out_lon, out_val, start, stop):
+    """Newton ascent of the sphere function of each code from its seeds ``lat0/lon0 [B, R]`` (degrees),
+    for codes ``start <= b < stop``. Each iteration evaluates a 3x3 stencil of step h (radians) in the
+    local tangent plane around every seed, fits a quadratic by finite differences and moves to its vertex
+    (at most 1.5 h away) where it is concave, else to the best stencil point; h shrinks 4x per iteration.
+    The best point evaluated (the last position included) is returned with its value."""
+    R = lat0.shape[1]
+    npts = R * 9
+    nblk = (npts + W - 1) // W
+    work = np.empty((5 * (L + 1) + 5, W))
+    no_dst = np.empty((0, 0))
+    la = np.empty(nblk * W)
+    lo = np.empty(nblk * W)
+    la_deg = np.empty(nblk * W)
+    lo_deg = np.empty(nblk * W)
+    f = np.empty(nblk * W)
+    acc = np.empty(W)
+    cur_lat = np.empty(R)
+    cur_lon = np.empty(R)
+    deg = 180.0 / math.pi
+    for b in range(start, stop):
+        c = coeffs[b]
+        for r in range(R):
+            cur_lat[r] = lat0[b, r] / deg
+            cur_lon[r] = lon0[b, r] / deg
+            out_val[b, r] = -np.inf
+            out_lat[b, r] = lat0[b, r]
+            out_lon[b, r] = lon0[b, r]
+        h = h0
+        for it in range(iters + 1):
+            last = it == iters  # the final pass evaluates the last position only
+            for r in range(R):
+                for s in range(9):
+                    if last and s > 0:
+                        la[r * 9 + s], lo[r * 9 + s] = cur_lat[r], cur_lon[r]
+                    else:
+                        la[r * 9 + s], lo[r * 9 + s] = _move(cur_lat[r], cur_lon[r], h * _SU[s], h * _SV[s])
+            for i in range(npts, nblk * W):
+                la[i] = la[npts - 1]
+                lo[i] = lo[npts - 1]
+            for i in range(nblk * W):
+                la_deg[i] = la[i] * deg
+                lo_deg[i] = lo[i] * deg
+            for blk in range(nblk):
+                for w in range(W):
+                    acc[w] = 0.0
+                _block(la_deg[blk * W : (blk + 1) * W], lo_deg[blk * W : (blk + 1) * W], L, a_tab,
+                       ab_tab, k_tab, log2_seed, work, no_dst, 0, c, acc)
+                for w in range(W):
+                    f[blk * W + w] = acc[w]
+            for r in range(R):
+                o = r * 9
+                best_s = 0
+                for s in range(1, 9):
+                    if f[o + s] > f[o + best_s]:
+                        best_s = s
+                if f[o + best_s] > out_val[b, r]:
+                    out_val[b, r] = f[o + best_s]
+                    out_lat[b, r] = la[o + best_s] * deg
+                    out_lon[b, r] = lo[o + best_s] * deg
+                if last:
+                    continue
+                f0, fe, fw, fn, fs = f[o], f[o + 1], f[o + 2], f[o + 3], f[o + 4]
+                fne, fse, fnw, fsw = f[o + 5], f[o + 6], f[o + 7], f[o + 8]
+                gx = (fe - fw) / (2 * h)
+                gy = (fn - fs) / (2 * h)
+                hxx = (fe + fw - 2 * f0) / (h * h)
+                hyy = (fn + fs - 2 * f0) / (h * h)
+                hxy = (fne - fse - fnw + fsw) / (4 * h * h)
+                det = hxx * hyy - hxy * hxy
+                if hxx < 0 and det > 0:
+                    dx = -(hyy * gx - hxy * gy) / det
+                    dy = -(hxx * gy - hxy * gx) / det
+                    length = math.hypot(dx, dy)
+                    if length > 1.5 * h:
+                        dx *= 1.5 * h / length
+                        dy *= 1.5 * h / length
+                else:
+                    dx = h * _SU[best_s]
+                    dy = h * _SV[best_s]
+                cur_lat[r], cur_lon[r] = _move(cur_lat[r], cur_lon[r], dx, dy)
+            h = h / 4
+
+
+numba.config.SLP_VECTORIZE = _slp_before
