@@ -58,7 +58,7 @@ def _block(lat_deg, lon_deg, L, a_tab, ab_tab, k_tab, log2_seed, work, dst, r0, 
 
     With ``acc`` of length 0, write the basis of point w into ``dst[r0 + w]``; otherwise add
     ``sum_i coef[i] Y_i(point w)`` to ``acc[w]`` without storing the basis. ``work`` is scratch
-    ``[5 * (L+1) + 5, W]`` float64.
+    ``[7 * (L+1) + 5, W]`` float64.
     """
     store = acc.shape[0] == 0
     n1 = L + 1
@@ -67,6 +67,11 @@ def _block(lat_deg, lon_deg, L, a_tab, ab_tab, k_tab, log2_seed, work, dst, r0, 
     cs = work[2 * n1 : 3 * n1]
     sn = work[3 * n1 : 4 * n1]
     seed = work[4 * n1 : 5 * n1]
+    acc_c = work[5 * n1 + 5 : 6 * n1 + 5]
+    acc_s = work[6 * n1 + 5 : 7 * n1 + 5]
+    if not store:
+        acc_c[:] = 0.0
+        acc_s[:] = 0.0
     x = work[5 * n1]
     s = work[5 * n1 + 1]
     phi = work[5 * n1 + 2]
@@ -147,16 +152,24 @@ def _block(lat_deg, lon_deg, L, a_tab, ab_tab, k_tab, log2_seed, work, dst, r0, 
                 for w in range(W):
                     dst[r0 + w, base + m] = v[w] * c[w]
                     dst[r0 + w, base - m] = v[w] * t[w]
-        else:
-            c0 = coef[base]
-            for w in range(W):
-                acc[w] += p2[0, w] * c0
-            for m in range(1, mlim):
+        else:  # per-order sums over the degree; the longitude factors are applied once at the end
+            for m in range(mlim):
                 cp = coef[base + m]
                 cn = coef[base - m]
+                v = _ld(p2, m)
+                ac = _ld(acc_c, m)
+                an = _ld(acc_s, m)
                 for w in range(W):
-                    acc[w] += p2[m, w] * (cs[m, w] * cp + sn[m, w] * cn)
+                    acc_c[m, w] = ac[w] + cp * v[w]
+                    acc_s[m, w] = an[w] + cn * v[w]
         p1, p2 = p2, p1
+
+    if not store:
+        for w in range(W):
+            acc[w] += acc_c[0, w]
+        for m in range(1, m_safe):
+            for w in range(W):
+                acc[w] += acc_c[m, w] * cs[m, w] + acc_s[m, w] * sn[m, w]
 
     # extended-range orders (rare), lane by lane, each order on its own: mantissa * 2**e
     for w in range(W):
@@ -204,7 +217,7 @@ def sph_harm_range(lat_deg, lon_deg, L, a_tab, ab_tab, k_tab, log2_seed, out, st
     D = (L + 1) * (L + 1)
     no_coef = np.empty(0)
     no_acc = np.empty(0)
-    work = np.empty((5 * (L + 1) + 5, W))
+    work = np.empty((7 * (L + 1) + 5, W))
     la = np.empty(W)
     lo = np.empty(W)
     tail = np.empty((W, D), dtype=out.dtype)
@@ -228,7 +241,7 @@ def sph_eval_range(coeffs, lat_deg, lon_deg, L, a_tab, ab_tab, k_tab, log2_seed,
     without materialising the basis."""
     P = lat_deg.shape[1]
     no_dst = np.empty((0, 0))
-    work = np.empty((5 * (L + 1) + 5, W))
+    work = np.empty((7 * (L + 1) + 5, W))
     la = np.empty(W)
     lo = np.empty(W)
     acc = np.empty(W)
@@ -367,7 +380,7 @@ def refine_range(coeffs, lat0, lon0, h0, iters, L, a_tab, ab_tab, k_tab, log2_se
     R = lat0.shape[1]
     npts = R * 9
     nblk = (npts + W - 1) // W
-    work = np.empty((5 * (L + 1) + 5, W))
+    work = np.empty((7 * (L + 1) + 5, W))
     no_dst = np.empty((0, 0))
     la = np.empty(nblk * W)
     lo = np.empty(nblk * W)

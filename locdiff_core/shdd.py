@@ -258,7 +258,7 @@ class SHDD:
         cand_xyz = xyz[cand_idx]  # [b, M, 3]
 
         # refinement seeds: the strongest candidates at least ~1.6 grid spacings apart (distinct peaks)
-        n_seeds = min(m, max(k, 4))
+        n_seeds = min(m, 4)
         cos_seed = math.cos(min(1.6 * grid.spacing_km / EARTH_RADIUS_KM, math.pi))
         seed_pos, seed_ok = _greedy_separated(cand_xyz, cand_val, n_seeds, cos_seed)
         seed_idx = cand_idx.gather(1, seed_pos)  # [b, R]
