@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -38,14 +39,17 @@ from locdiff_core.sphere import EARTH_RADIUS_KM, fibonacci_lattice, haversine_km
 def make_codes(shdd: SHDD, n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     lat, lon = sample_uniform(3 * n, generator=g)
-    codes = shdd.encode(lat.float(), lon.float()).reshape(n, 3, -1)
     w = torch.rand(n, 3, generator=g) * (torch.rand(n, 3, generator=g) < 0.6)
     w[:, 0] = 1.0
     w = w / w.sum(1, keepdim=True)
-    noise = (
-        0.3 * torch.randn(n, shdd.dim, generator=g) * codes[:, 0].norm(dim=1, keepdim=True) / shdd.dim**0.5
-    )
-    return (w[:, :, None] * codes).sum(1) + noise
+    eps = torch.randn(n, shdd.dim, generator=g)
+    out = torch.empty(n, shdd.dim)
+    for i in range(0, n, 256):  # in chunks, so that making the codes does not set the peak memory
+        j = min(n, i + 256)
+        codes = shdd.encode(lat[3 * i : 3 * j].float(), lon[3 * i : 3 * j].float()).reshape(j - i, 3, -1)
+        noise = 0.3 * eps[i:j] * codes[:, 0].norm(dim=1, keepdim=True) / shdd.dim**0.5
+        out[i:j] = (w[i:j, :, None] * codes).sum(1) + noise
+    return out
 
 
 def dense_search(codes: torch.Tensor, L: int, n: int, chunk: int = 32768) -> dict:
@@ -85,6 +89,11 @@ def run_one(L: int, n_codes: int, spec: dict) -> dict:
         dt = time.perf_counter() - t0
         lat, lon, fval = r["lat"], r["lon"], r["f"]
         out.update(build_s=0.0, first_s=0.0, basis_s=r["basis_s"], matmul_s=r["matmul_s"])
+        # the default decoder on the same codes in the same process, for a ratio free of load changes
+        shdd.decode(codes[:8])
+        t1 = time.perf_counter()
+        shdd.decode(codes)
+        out["decoder_same_process_codes_per_s"] = n_codes / (time.perf_counter() - t1)
     else:
         t0 = time.perf_counter()
         if spec["kind"] == "fibonacci":
@@ -116,6 +125,12 @@ def main() -> None:
     ap.add_argument("--codes", type=int, default=1000)
     ap.add_argument("--dense", type=int, default=2_000_000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--before",
+        metavar="DIR",
+        help="a source tree of the previous version (e.g. `git archive COMMIT | tar -x -C DIR`): adds rows "
+        "for its decoder with 10k and 100k Fibonacci anchors, run on the same codes",
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -123,10 +138,11 @@ def main() -> None:
         print(json.dumps(run_one(args.L, spec.get("codes", args.codes), spec)))
         return
 
-    def child(kind, anchors=None, codes=args.codes):
+    def child(kind, anchors=None, codes=args.codes, src=None):
         spec = json.dumps({"kind": kind, "anchors": anchors, "threads": args.threads, "codes": codes})
         cmd = [sys.executable, __file__, "--L", str(args.L), "--one", spec]
-        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        env = dict(os.environ, PYTHONPATH=src) if src else None
+        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
 
     ref = child("dense", args.dense)
     spacing = math.sqrt(4 * math.pi / args.dense) * EARTH_RADIUS_KM
@@ -138,18 +154,27 @@ def main() -> None:
         f"  dense search: {ref['codes_per_s']:.1f} codes/s ({ref['seconds']:.1f} s: basis "
         f"{ref['basis_s']:.1f} s, matmul {ref['matmul_s']:.1f} s), peak RSS {ref['peak_rss_mib']:.0f} MiB"
     )
+    same = ref["decoder_same_process_codes_per_s"]
+    print(
+        f"  default decoder in the dense search's process: {same:.0f} codes/s = "
+        f"{same / ref['codes_per_s']:.1f}x dense"
+    )
     heads = [("coarse grid", 22), ("build s", 8), ("1st s", 6), ("codes/s", 9), ("x dense", 8)]
     heads += [("RSS MiB", 8), ("RSS 4x", 7), ("median km", 10), ("p99 km", 8), ("f>=dense", 9)]
     print(" ".join(f"{h:>{w}}" for h, w in heads))
     rlat, rlon, rf = (torch.tensor(ref[k], dtype=torch.float64) for k in ("lat", "lon", "f"))
-    settings = [("regular", None), ("fibonacci", 10_000), ("fibonacci", 100_000)]
-    for kind, anchors in settings:
-        r = child(kind, anchors)
-        big = child(kind, anchors, codes=4 * args.codes)
+    settings = [("regular", None, None), ("fibonacci", 10_000, None), ("fibonacci", 100_000, None)]
+    if args.before:
+        settings += [("fibonacci", 10_000, args.before), ("fibonacci", 100_000, args.before)]
+    for kind, anchors, src in settings:
+        r = child(kind, anchors, src=src)
+        # peak memory at 4x the batch (skipped for the previous version: slow, and not what is measured)
+        big = {"peak_rss_mib": math.nan} if src else child(kind, anchors, codes=4 * args.codes)
         lat, lon = (torch.tensor(r[k], dtype=torch.float64) for k in ("lat", "lon"))
         d = haversine_km(rlat, rlon, lat, lon)
         ge = (torch.tensor(r["f"], dtype=torch.float64) >= rf - 1e-4 * rf.abs()).double().mean()
-        label = f"{kind} {r['grid_points']:,}" + (" (default)" if kind == "regular" else "")
+        label = ("before: " if src else "") + f"{kind} {r['grid_points']:,}"
+        label += " (default)" if kind == "regular" else ""
         med, p99 = d.median().item(), d.quantile(0.99).item()
         verdict = "meets" if med <= spacing and p99 <= 2 * spacing and ge >= 0.995 else "misses"
         print(
