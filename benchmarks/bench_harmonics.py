@@ -19,6 +19,7 @@ empty cache directory, and the cached import in another child. Columns are point
 ours / other (> 1: ours faster).
 
     .venv/bin/python benchmarks/bench_harmonics.py [--points 100000] [--degrees 16 32 64 128] [--threads 2]
+        [--torch-loop] [--cpu-time]
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ import locdiff_core.harmonics as harmonics
 from locdiff_core.harmonics import real_sph_harm
 from locdiff_core.sphere import latlon_to_xyz, sample_uniform
 
+CLOCK = time.perf_counter  # --cpu-time: time.process_time (user + system CPU of this process)
+
 
 def best_of(fn, repeat: int = 3) -> float:
     best = float("inf")
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         out = fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, CLOCK() - t0)
         del out
     return best
 
@@ -100,13 +103,27 @@ def main() -> None:
     ap.add_argument("--scipy-points", type=int, default=2_000)
     ap.add_argument("--degrees", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--max-gib",
+        type=float,
+        default=1.0,
+        help="cap on one float64 result (sphericart-f64 returns float64): fewer points at high L (GiB)",
+    )
     ap.add_argument("--torch-loop", action="store_true", help="also time the torch degree loop (slow)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time CPU seconds of the process instead of wall time (with --threads 1 and OMP_NUM_THREADS=1: "
+        "figures that hold on a machine shared with other work)",
+    )
     args = ap.parse_args()
+    global CLOCK
+    if args.cpu_time:
+        CLOCK = time.process_time
     torch.set_num_threads(args.threads)
     n = args.points
     lat, lon = sample_uniform(n, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     xyz64 = latlon_to_xyz(lat.double(), lon.double()).numpy()
-    xyz32 = xyz64.astype(np.float32)
     ns = min(args.scipy_points, n)
     lat_np, lon_np = lat[:ns].double().numpy(), lon[:ns].double().numpy()
 
@@ -115,20 +132,26 @@ def main() -> None:
         f"numba kernel: first call in a fresh process {first:.1f} s with an empty cache (one-time "
         f"compile), {cached:.2f} s with the cache"
     )
-    print(f"{n:,} points, float32 output, {args.threads} threads; points/s (ratio = ours / other)")
+    clock = "CPU time" if args.cpu_time else "wall time"
+    print(f"up to {n:,} points, float32 output, {args.threads} threads, {clock}; points/s (ours / other)")
     cols = ["ours", "ours-torch", "sph-f64", "sph-f32", "scipy", "write-new", "write-reuse"]
     cols += ["/torch", "/sph-f64", "/scipy", "/write-new", "/reuse"]
-    print(f"{'L':>4} " + " ".join(f"{c:>11}" for c in cols))
+    print(f"{'L':>4} {'points':>8} " + " ".join(f"{c:>11}" for c in cols))
     notes = []
+    lat_all, lon_all, xyz64_all = lat, lon, xyz64
     for L in args.degrees:
         D = (L + 1) ** 2
+        # at most --max-gib per float64 result: 100k points at L = 128 would be 13 GiB in float64
+        n = min(args.points, max(ns, int(args.max_gib * 2**30) // (8 * D)))
+        lat, lon, xyz64 = lat_all[:n], lon_all[:n], xyz64_all[:n]
+        xyz32 = xyz64.astype(np.float32)
         ours = real_sph_harm(lat[:ns], lon[:ns], L)
         ref = scipy_real(lat_np, lon_np, L)
         ref_norms = degree_norms(ref, L)
         # ours against the oracle, elementwise (same convention)
         err = np.abs(ours.double().numpy() - ref).max() / np.abs(ref).max()
         assert err < 1e-5, f"L={L}: ours disagrees with scipy (rel. error {err:.1e})"
-        t_ours = best_of(lambda L=L: real_sph_harm(lat, lon, L))
+        t_ours = best_of(lambda L=L, a=lat, b=lon: real_sph_harm(a, b, L))
         rates = {"ours": n / t_ours}
         if args.torch_loop:
             os.environ["LOCDIFF_SH_BACKEND"] = "torch"
@@ -136,7 +159,7 @@ def main() -> None:
             try:
                 y = real_sph_harm(lat[:ns], lon[:ns], L)
                 assert np.abs(y.double().numpy() - ref).max() / np.abs(ref).max() < 1e-3
-                rates["ours-torch"] = n / best_of(lambda L=L: real_sph_harm(lat, lon, L), 2)
+                rates["ours-torch"] = n / best_of(lambda L=L, a=lat, b=lon: real_sph_harm(a, b, L), 2)
             finally:
                 del os.environ["LOCDIFF_SH_BACKEND"]
                 harmonics._kernels_module = saved
@@ -149,7 +172,7 @@ def main() -> None:
             else:
                 rates[name] = n / best_of(lambda c=calc, x=x: c.compute(x))
         rates["scipy"] = ns / best_of(lambda L=L: scipy_real(lat_np, lon_np, L), 1)
-        rates["write-new"] = n / best_of(lambda D=D: torch.empty((n, D)).fill_(1.0))
+        rates["write-new"] = n / best_of(lambda D=D, n=n: torch.empty((n, D)).fill_(1.0))
         buf = torch.empty((n, D)).fill_(0.0)
         rates["write-reuse"] = n / best_of(lambda b=buf: b.fill_(1.0))
         buf = None
@@ -163,7 +186,7 @@ def main() -> None:
         for c in ("ours-torch", "sph-f64", "scipy", "write-new", "write-reuse"):
             other = rates.get(c)
             row.append(fmt(rates["ours"] / other if other else None, ratio=True))
-        print(f"{L:>4} " + " ".join(row))
+        print(f"{L:>4} {n:>8,} " + " ".join(row))
     for line in notes:
         print("  " + line)
 
