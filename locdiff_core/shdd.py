@@ -38,10 +38,11 @@ class Decoded:
     ``lat_deg``/``lon_deg`` ``[B]``: the refined strongest mode. ``score`` ``[B]``: its height relative to
     a clean code's peak under the same filter (1 for a clean code; ~w for a mixture component of
     weight w). ``modes_*`` ``[B, k]``: the k strongest separated modes (strongest first; mode 0 is the
-    refined prediction, the others sit on the nearest anchor; NaN where fewer modes exist), their
+    refined prediction; the modes found among the 4 strongest distinct grid peaks are refined too, any
+    others sit on their grid point; NaN where fewer modes exist), their
     relative height, and their probability mass: the share of the positive part of the filtered sphere
-    function lying in each mode's basin (anchors nearer to it than to any other mode and within
-    ``min_separation_km``).
+    function lying in each mode's basin (grid points nearer to it than to any other mode and within
+    ``min_separation_km``; area-weighted on the regular grid).
     """
 
     lat_deg: torch.Tensor
