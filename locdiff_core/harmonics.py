@@ -24,13 +24,22 @@ poles), which is where peer code produces zeros or NaNs. We therefore carry ever
 mantissa and a power-of-two exponent (the "extended range" idea of Fukushima, J. Geodesy 86, 2012): the
 seed is built in log space in float64, the mantissa is renormalised when it grows, and the exponent is
 applied only when a value is written out. Values that truly lie below the dtype's range flush to zero.
+
+Two implementations of the same mathematics. On the CPU without autograd (the common case: encoding,
+anchor bases, decoding) a fused per-point numba kernel (:mod:`locdiff_core._kernels`) computes each point's
+basis in float64 in cache and writes it once, close to the memory-write limit. Where autograd is asked for,
+or on another device (CUDA), the torch degree loop below runs instead. Set the environment variable
+``LOCDIFF_SH_BACKEND=torch`` to force the torch loop everywhere (for comparisons).
 """
 
 from __future__ import annotations
 
 import math
+import mmap
+import os
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from locdiff_core._checks import check_degree, check_latlon
@@ -72,6 +81,92 @@ def _recurrence_coefficients(L: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     )
     log_seed = log_seed - 0.5 * math.log(4 * math.pi)
     return a, b, log_seed
+
+
+@lru_cache(maxsize=16)
+def _kernel_tables(L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """float64 numpy tables for the numba kernel: a[l, m], a*b[l, m], k[m] = sqrt((2m+1)/(2m)) and
+    log2 of the sectoral constants sqrt(1/(4 pi)) * prod_{j<=m} k[j]."""
+    a, b, log_seed = _recurrence_coefficients(L)
+    k = np.ones(L + 1)
+    mm = np.arange(1, L + 1, dtype=np.float64)
+    k[1:] = np.sqrt((2 * mm + 1) / (2 * mm))
+    return (
+        np.ascontiguousarray(a.numpy()),
+        np.ascontiguousarray((a * b).numpy()),
+        k,
+        log_seed.numpy() / _LN2,
+    )
+
+
+_kernels_module = None
+
+
+def _kernels():
+    """The numba kernels, imported on first use (numba's import costs ~0.5 s); None if unavailable."""
+    global _kernels_module
+    if _kernels_module is None:
+        if os.environ.get("LOCDIFF_SH_BACKEND", "").lower() == "torch":
+            return None
+        try:
+            from locdiff_core import _kernels as k
+        except ImportError:  # numba missing or broken: the torch loop still works
+            _kernels_module = False
+            return None
+        _kernels_module = k
+    return _kernels_module or None
+
+
+_HUGE_BYTES = 1 << 24
+
+
+def _empty_output(n: int, D: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised ``[n, D]`` tensor. Large ones are mapped with transparent huge pages asked for:
+    the first touch of a fresh 4 KiB page costs a kernel fault, and for a result of a gigabyte those
+    faults take longer than computing it (madvise is a hint; where it is refused, nothing changes)."""
+    nbytes = n * D * (4 if dtype == torch.float32 else 8)
+    if nbytes < _HUGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty((n, D), dtype=dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        pass
+    arr = np.frombuffer(buf, dtype=np.float32 if dtype == torch.float32 else np.float64).reshape(n, D)
+    return torch.from_numpy(arr)  # keeps the mapping alive; unmapped when the tensor is freed
+
+
+def _real_sph_harm_numba(k, lat: torch.Tensor, lon: torch.Tensor, L: int, out_dtype) -> torch.Tensor:
+    lat64 = np.ascontiguousarray(lat.detach().to(torch.float64).numpy())
+    lon64 = np.ascontiguousarray(lon.detach().to(torch.float64).numpy())
+    out = _empty_output(lat64.shape[0], (L + 1) ** 2, out_dtype)
+    # threads follow torch's setting (torch.set_num_threads), so both libraries share one budget
+    k.run_split(k.sph_harm_range, lat64.shape[0], torch.get_num_threads(), 256,
+                lat64, lon64, L, *_kernel_tables(L), out.numpy())
+    return out
+
+
+def evaluate_at_points(coeffs: torch.Tensor, lat_deg: torch.Tensor, lon_deg: torch.Tensor) -> torch.Tensor:
+    """``f_b(p) = sum_i coeffs[b, i] Y_i(lat[b, p], lon[b, p])`` in float64: ``[B, D], [B, P] -> [B, P]``.
+
+    Each code is evaluated at its own points without materialising their basis (the fused kernel on the
+    CPU; elsewhere, or without numba, the basis is computed and contracted). No autograd.
+    """
+    B, D = coeffs.shape
+    L = math.isqrt(D) - 1
+    if (L + 1) ** 2 != D:
+        raise ValueError(f"coeffs must have (L+1)**2 columns, got {D}")
+    k = _kernels() if coeffs.device.type == "cpu" else None
+    if k is None:
+        with torch.no_grad():
+            y = real_sph_harm(lat_deg.to(torch.float64), lon_deg.to(torch.float64), L)  # [B, P, D]
+            return torch.einsum("bpd,bd->bp", y, coeffs.to(torch.float64))
+    c = np.ascontiguousarray(coeffs.detach().to(torch.float64).numpy())
+    la = np.ascontiguousarray(lat_deg.detach().to(torch.float64).numpy())
+    lo = np.ascontiguousarray(lon_deg.detach().to(torch.float64).numpy())
+    out = np.empty(la.shape, dtype=np.float64)
+    k.run_split(k.sph_eval_range, B, torch.get_num_threads(), 16, c, la, lo, L, *_kernel_tables(L), out)
+    return torch.from_numpy(out)
 
 
 def _degree_loop(out, x, seed, expo, cos_m, sin_m, a_tab, b_tab, grad: bool) -> None:
@@ -136,6 +231,12 @@ def real_sph_harm(lat_deg, lon_deg, max_degree: int) -> torch.Tensor:
     lat, lon = check_latlon(lat_deg, lon_deg)
     L = check_degree(max_degree)
     out_dtype = lat.dtype
+    grad = torch.is_grad_enabled() and (lat.requires_grad or lon.requires_grad)
+    if not grad and lat.device.type == "cpu":
+        k = _kernels()
+        if k is not None:
+            out = _real_sph_harm_numba(k, lat.reshape(-1), lon.reshape(-1), L, out_dtype)
+            return out.reshape(*lat.shape, (L + 1) ** 2)
     # float32 recurrences lose ~L*eps per degree; above L = 128 work in float64 and cast at the end.
     dtype = torch.float64 if L > _FLOAT32_MAX_DEGREE else out_dtype
     batch_shape = lat.shape
@@ -164,7 +265,6 @@ def real_sph_harm(lat_deg, lon_deg, max_degree: int) -> torch.Tensor:
     cos_m = (w * torch.cos(mphi)).to(dtype)  # [L+1, N]
     sin_m = (w * torch.sin(mphi)).to(dtype)  # [L+1, N] (row 0 unused)
 
-    grad = torch.is_grad_enabled() and (lat.requires_grad or lon.requires_grad)
     if grad:  # one pass over all points, out of place, so autograd can follow
         buf = torch.empty((D, n), dtype=dtype, device=lat.device)
         _degree_loop(buf, x, seed, expo, cos_m, sin_m, a_tab, b_tab, grad=True)

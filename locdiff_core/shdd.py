@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from locdiff_core._checks import as_float_tensor, check_degree, check_latlon, check_positive
 from locdiff_core.anchors import AnchorGrid
-from locdiff_core.harmonics import degree_index, real_sph_harm
-from locdiff_core.sphere import EARTH_RADIUS_KM, offset_km
+from locdiff_core.harmonics import _kernel_tables, _kernels, degree_index, evaluate_at_points, real_sph_harm
+from locdiff_core.shgrid import RegularGrid
+from locdiff_core.sphere import EARTH_RADIUS_KM, latlon_to_xyz, tangent_frame, xyz_to_latlon
 
 FilterKind = Literal["none", "heat", "cap"]
 FILTER_KINDS = ("none", "heat", "cap")
@@ -37,10 +38,11 @@ class Decoded:
     ``lat_deg``/``lon_deg`` ``[B]``: the refined strongest mode. ``score`` ``[B]``: its height relative to
     a clean code's peak under the same filter (1 for a clean code; ~w for a mixture component of
     weight w). ``modes_*`` ``[B, k]``: the k strongest separated modes (strongest first; mode 0 is the
-    refined prediction, the others sit on the nearest anchor; NaN where fewer modes exist), their
+    refined prediction; the modes found among the 4 strongest distinct grid peaks are refined too, any
+    others sit on their grid point; NaN where fewer modes exist), their
     relative height, and their probability mass: the share of the positive part of the filtered sphere
-    function lying in each mode's basin (anchors nearer to it than to any other mode and within
-    ``min_separation_km``).
+    function lying in each mode's basin (grid points nearer to it than to any other mode and within
+    ``min_separation_km``; area-weighted on the regular grid).
     """
 
     lat_deg: torch.Tensor
@@ -73,6 +75,7 @@ class SHDD:
         self.peak = self.dim / (4 * math.pi)
         self._degree = degree_index(self.max_degree)
         self._grids: dict[tuple[int, torch.dtype], AnchorGrid] = {}
+        self._regular: RegularGrid | None = None
 
     def __repr__(self) -> str:
         return f"SHDD(max_degree={self.max_degree}, dim={self.dim})"
@@ -180,13 +183,20 @@ class SHDD:
         below = torch.nonzero(k < k[0] / 2)
         return float(gam[below[0, 0]] * EARTH_RADIUS_KM) if below.numel() else math.pi * EARTH_RADIUS_KM
 
+    def search_grid(self) -> RegularGrid:
+        """The decoder's default coarse grid: 2(L+1) x 4(L+1) points evaluated by a fast synthesis
+        (:class:`~locdiff_core.shgrid.RegularGrid`); built once per SHDD and cached."""
+        if self._regular is None:
+            self._regular = RegularGrid(self.max_degree)
+        return self._regular
+
     @torch.no_grad()
     def decode(
         self,
         coeffs,
         rho_km: float = 0.0,
         filter: FilterKind = "cap",
-        anchors: AnchorGrid | None = None,
+        anchors: AnchorGrid | RegularGrid | None = None,
         top_k: int = 5,
         min_separation_km: float | None = None,
         refine_iters: int = 4,
@@ -195,11 +205,15 @@ class SHDD:
         """Modal search: the locations where the (filtered) sphere function of each code peaks.
 
         1. filter the codes with the degree weights of ``filter``/``rho_km`` (larger rho: coarser and
-           stabler; 0: no filtering); 2. evaluate them on the anchor grid (one matmul against its cached
-           basis); 3. take the top candidates and keep ``top_k`` modes at least ``min_separation_km`` apart
-           (default: twice the kernel's half-width); 4. refine the best mode continuously by successive
-           parabolic fits along the local north and east axes with a shrinking step; 5. measure each
-           mode's probability mass. Memory is bounded by processing codes in batches.
+           stabler; 0: no filtering); 2. evaluate them on a coarse grid: by default a regular grid by a
+           fast synthesis (:meth:`search_grid`), or the given ``anchors`` (an :class:`AnchorGrid`: one
+           matmul against its cached basis); 3. take the grid's strongest distinct peaks (several, not only
+           the best, so that near-ties between modes are settled by refined values) and refine each
+           continuously (Newton steps on a 3x3 stencil in the local tangent plane with a shrinking step,
+           in float64, on the exact sphere function); 4. keep ``top_k`` modes at least
+           ``min_separation_km`` apart (default: twice the kernel's half-width); 5. measure each mode's
+           probability mass on the grid. Codes are processed in chunks of ``batch_size``, so memory does
+           not grow with the batch.
 
         Args:
             coeffs: codes ``[B, D]`` in c units (x / sqrt(4 pi)).
@@ -211,101 +225,199 @@ class SHDD:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
         if isinstance(refine_iters, bool) or not isinstance(refine_iters, int) or refine_iters < 0:
             raise ValueError(f"refine_iters must be an int >= 0, got {refine_iters!r}")
-        grid = anchors if anchors is not None else self.default_grid()
+        grid = anchors if anchors is not None else self.search_grid()
         if grid.max_degree != self.max_degree:
             raise ValueError(f"anchors were built for L={grid.max_degree}, codes have L={self.max_degree}")
         weights = self.degree_weights(filter, rho_km)
-        w = self.expand(weights).to(grid.dtype)
         peak = self.filtered_peak(weights)
         sep = min_separation_km if min_separation_km is not None else 2 * self.half_width_km()
         cos_sep = math.cos(min(check_positive(sep, "min_separation_km") / EARTH_RADIUS_KM, math.pi))
         B = coeffs.shape[0]
         if batch_size is None:
-            # densities [batch, A] of 16 MB; 256 MB when the basis is recomputed per batch (uncached grid)
-            budget = 1 << 22 if grid.basis is not None else 1 << 26
+            # densities [chunk, grid] of ~8 MB; 256 MB when an uncached anchor basis is recomputed per chunk
+            cached = not isinstance(grid, AnchorGrid) or grid.basis is not None
+            budget = 1 << 21 if cached else 1 << 26
             batch_size = max(1, min(B, budget // len(grid)))
-        cf = coeffs.to(grid.dtype) * w
+        cf = coeffs.to(torch.float64) * self.expand(weights)
         parts = [
-            self._coarse_modes(cf[start : start + batch_size], grid, top_k, cos_sep, peak)
+            self._decode_chunk(cf[start : start + batch_size], grid, top_k, cos_sep, peak, refine_iters)
             for start in range(0, B, batch_size)
         ]
-        modes_lat, modes_lon, modes_score, modes_mass = (torch.cat(f) for f in zip(*parts, strict=True))
-        # refine the best mode of every code at once (large batches keep the harmonics efficient)
-        lat, lon, score = self._refine(
-            cf, modes_lat[:, 0], modes_lon[:, 0], grid.spacing_km, refine_iters, peak
+        lat, lon, score, modes_lat, modes_lon, modes_score, modes_mass = (
+            torch.cat(f) for f in zip(*parts, strict=True)
         )
-        modes_lat[:, 0], modes_lon[:, 0], modes_score[:, 0] = lat, lon, score
         return Decoded(lat, lon, score, modes_lat, modes_lon, modes_score, modes_mass)
 
-    def _coarse_modes(self, cf, grid: AnchorGrid, k: int, cos_sep: float, peak: float):
-        dens = grid.evaluate(cf)  # [b, A]
-        b = cf.shape[0]
-        m = min(len(grid), max(8 * k, 64))
+    def _decode_chunk(self, cf, grid, k: int, cos_sep: float, peak: float, iters: int):
+        """Decode a chunk of filtered codes ``cf [b, D]`` (float64); see :meth:`decode`."""
+        dens = grid.evaluate(cf.to(grid.dtype))  # [b, G]
+        b, G = dens.shape
+        out_dtype = dens.dtype
+        xyz = grid.xyz  # [G, 3] float64
+        m = min(G, max(8 * k, 64))
         cand_val, cand_idx = dens.topk(m, dim=1)  # [b, M], sorted descending
-        cand_xyz = grid.xyz[cand_idx]  # [b, M, 3]
-        # greedy non-maximum suppression, vectorised over the batch
-        alive = torch.ones_like(cand_val, dtype=torch.bool)
-        rows = torch.arange(b)
-        chosen, found = [], []
-        for _ in range(k):
-            pos = torch.where(alive, torch.arange(m).expand(b, m), m).min(dim=1).values  # first alive
-            ok = pos < m
-            pos = pos.clamp_max(m - 1)
-            chosen.append(pos)
-            found.append(ok)
-            centre = cand_xyz[rows, pos]  # [b, 3]
-            near = (cand_xyz * centre[:, None]).sum(-1) >= cos_sep
-            alive = alive & ~(near & ok[:, None])
-        pos = torch.stack(chosen, 1)  # [b, k]
-        ok = torch.stack(found, 1)  # [b, k]
-        mode_idx = cand_idx.gather(1, pos)  # [b, k]
-        modes_score = torch.where(ok, cand_val.gather(1, pos) / peak, torch.zeros((), dtype=cand_val.dtype))
-        modes_lat = torch.where(ok, grid.lat_deg[mode_idx], torch.nan)
-        modes_lon = torch.where(ok, grid.lon_deg[mode_idx], torch.nan)
+        cand_xyz = xyz[cand_idx]  # [b, M, 3]
 
-        # probability mass: positive part of the density, shared among modes by nearest basin
-        pos_dens = dens.clamp_min(0)  # [b, A]
-        total = pos_dens.sum(1).clamp_min(torch.finfo(dens.dtype).tiny)
-        mode_xyz = torch.where(ok[:, :, None], grid.xyz[mode_idx], 0.0).to(dens.dtype)  # [b, k, 3]
-        # missing modes sit at the origin: cos = 0 < cos_sep, so they own nothing
-        best_cos, owner = (mode_xyz @ grid.xyz.to(dens.dtype).T).max(dim=1)  # [b, k, A] -> [b, A]
-        inside = best_cos >= cos_sep
-        mass = torch.zeros((b, k), dtype=dens.dtype).scatter_add_(1, owner, pos_dens * inside)
-        return modes_lat, modes_lon, modes_score, mass / total[:, None]
+        # refinement seeds: the strongest candidates at least ~1.6 grid spacings apart (distinct peaks)
+        n_seeds = min(m, 4)
+        cos_seed = math.cos(min(1.6 * grid.spacing_km / EARTH_RADIUS_KM, math.pi))
+        seed_pos, seed_ok = _greedy_separated(cand_xyz, cand_val, n_seeds, cos_seed)
+        seed_idx = cand_idx.gather(1, seed_pos)  # [b, R]
+        s_lat, s_lon, s_val = self._refine(
+            cf, grid.lat_deg.to(torch.float64)[seed_idx], grid.lon_deg.to(torch.float64)[seed_idx],
+            grid.spacing_km, iters,
+        )
+        s_val = torch.where(seed_ok, s_val, -torch.inf)
 
-    def _refine(self, cf, lat, lon, step_km: float, iters: int, peak: float):
-        """Successive parabolic fits along north and east with a step shrinking 4x per iteration."""
-        lat = lat.to(torch.float64)
-        lon = lon.to(torch.float64)
-        h = step_km
-        offsets = torch.tensor(
-            [[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1]], dtype=torch.float64
-        )  # (north, east)
+        # modes: refined seeds first, then the raw candidates, kept at least min_separation apart
+        all_xyz = torch.cat([latlon_to_xyz(s_lat, s_lon), cand_xyz], 1)  # [b, R + M, 3]
+        all_val = torch.cat([s_val, cand_val.to(torch.float64)], 1)
+        all_lat = torch.cat([s_lat, grid.lat_deg.to(torch.float64)[cand_idx]], 1)
+        all_lon = torch.cat([s_lon, grid.lon_deg.to(torch.float64)[cand_idx]], 1)
+        order = all_val.argsort(dim=1, descending=True)
+        all_xyz = all_xyz.gather(1, order[:, :, None].expand(-1, -1, 3))
+        all_val, all_lat, all_lon = (t.gather(1, order) for t in (all_val, all_lat, all_lon))
+        pos, ok = _greedy_separated(all_xyz, all_val, k, cos_sep)
+        ok = ok & torch.isfinite(all_val.gather(1, pos))
+        nan = torch.tensor(torch.nan, dtype=torch.float64)
+        modes_lat = torch.where(ok, all_lat.gather(1, pos), nan)
+        modes_lon = torch.where(ok, all_lon.gather(1, pos), nan)
+        modes_score = torch.where(ok, all_val.gather(1, pos) / peak, 0.0)
+        mode_xyz = torch.where(ok[:, :, None], all_xyz.gather(1, pos[:, :, None].expand(-1, -1, 3)), 0.0)
 
-        chunk = max(1, (1 << 16) // 5)  # codes per harmonics call: ~64k points
+        # probability mass: positive part of the density (area-weighted on a regular grid), shared among
+        # modes by nearest basin; missing modes sit at the origin (cos = 0 < cos_sep), so they own nothing
+        area = getattr(grid, "area", None)
+        mass = basin_mass(dens, area, xyz, mode_xyz, cos_sep)
+        return (
+            modes_lat[:, 0].to(out_dtype),
+            modes_lon[:, 0].to(out_dtype),
+            modes_score[:, 0].to(out_dtype),
+            modes_lat.to(out_dtype),
+            modes_lon.to(out_dtype),
+            modes_score.to(out_dtype),
+            mass.to(out_dtype),
+        )
 
-        def values(la, lo):  # [B, P] points -> f values [B, P]
-            out = []
-            for i in range(0, la.shape[0], chunk):
-                y = real_sph_harm(
-                    la[i : i + chunk].to(cf.dtype), lo[i : i + chunk].to(cf.dtype), self.max_degree
-                )
-                out.append(torch.einsum("bpd,bd->bp", y, cf[i : i + chunk]))  # [b, P, D] . [b, D] -> [b, P]
-            return torch.cat(out)
+    def _refine(self, cf, lat, lon, spacing_km: float, iters: int):
+        """Refine seeds ``lat/lon [b, R]`` (degrees, float64) of codes ``cf [b, D]`` (see _refine_torch)."""
+        kern = _kernels() if cf.device.type == "cpu" else None
+        if kern is None:
+            return self._refine_torch(cf, lat, lon, spacing_km, iters)
+        b, R = lat.shape
+        out = [torch.empty((b, R), dtype=torch.float64) for _ in range(3)]
+        kern.run_split(
+            kern.refine_range, b, torch.get_num_threads(), 8,
+            cf.double().contiguous().numpy(), lat.double().contiguous().numpy(),
+            lon.double().contiguous().numpy(), 0.5 * spacing_km / EARTH_RADIUS_KM, iters, self.max_degree,
+            *_kernel_tables(self.max_degree), *(o.numpy() for o in out),
+        )
+        return tuple(out)
 
+    def _refine_torch(self, cf, lat, lon, spacing_km: float, iters: int):
+        """Newton ascent from seeds ``[b, R]``: each iteration fits a quadratic to a 3x3 stencil of step h
+        in the local tangent plane (finite differences) and moves to its vertex (clamped to 1.5 h), or to
+        the best stencil point where the fit is not concave; h shrinks 4x per iteration from half the grid
+        spacing. Returns the best point evaluated per seed and its value (float64)."""
+        b, R = lat.shape
+        p = latlon_to_xyz(lat, lon)  # [b, R, 3]
+        best_val = torch.full((b, R), -torch.inf, dtype=torch.float64)
+        best_p = p
+        u = torch.tensor([0, 1, -1, 0, 0, 1, 1, -1, -1], dtype=torch.float64)  # east
+        v = torch.tensor([0, 0, 0, 1, -1, 1, -1, 1, -1], dtype=torch.float64)  # north
+        h = 0.5 * spacing_km / EARTH_RADIUS_KM  # radians
         for _ in range(iters):
-            n_km = offsets[:, 0] * h  # [5]
-            e_km = offsets[:, 1] * h
-            pl, po = offset_km(lat[:, None].expand(-1, 5), lon[:, None].expand(-1, 5), n_km, e_km)
-            f = values(pl, po).to(torch.float64)  # [b, 5]
-            steps = []
-            for plus, minus in ((1, 2), (3, 4)):
-                curv = f[:, plus] + f[:, minus] - 2 * f[:, 0]
-                vertex = h * (f[:, minus] - f[:, plus]) / (2 * curv.clamp(max=-1e-30))
-                # where the fit is not concave, step to the better side (or stay)
-                fallback = torch.where(f[:, plus] > f[:, 0], h, torch.where(f[:, minus] > f[:, 0], -h, 0.0))
-                steps.append(torch.where(curv < 0, vertex.clamp(-h, h), fallback))
-            lat, lon = offset_km(lat, lon, steps[0], steps[1])
+            east, north = tangent_frame(p)
+            q = p[:, :, None] + h * (u[:, None] * east[:, :, None] + v[:, None] * north[:, :, None])
+            q = q / q.norm(dim=-1, keepdim=True)  # [b, R, 9, 3]
+            qlat, qlon = xyz_to_latlon(q)
+            f = evaluate_at_points(cf, qlat.reshape(b, -1), qlon.reshape(b, -1)).reshape(b, R, 9)
+            fmax, imax = f.max(-1)
+            improved = fmax > best_val
+            best_val = torch.where(improved, fmax, best_val)
+            q_best = q.gather(2, imax[..., None, None].expand(-1, -1, 1, 3))[:, :, 0]
+            best_p = torch.where(improved[..., None], q_best, best_p)
+            f0, fe, fw, fn, fs, fne, fse, fnw, fsw = f.unbind(-1)
+            gx, gy = (fe - fw) / (2 * h), (fn - fs) / (2 * h)
+            hxx, hyy = (fe + fw - 2 * f0) / h**2, (fn + fs - 2 * f0) / h**2
+            hxy = (fne - fse - fnw + fsw) / (4 * h**2)
+            det = hxx * hyy - hxy**2
+            concave = (hxx < 0) & (det > 0)
+            safe_det = torch.where(concave, det, torch.ones_like(det))
+            dx = -(hyy * gx - hxy * gy) / safe_det
+            dy = -(hxx * gy - hxy * gx) / safe_det
+            length = torch.hypot(dx, dy)
+            one = torch.ones_like(length)
+            shrink = torch.where(length > 1.5 * h, 1.5 * h / length.clamp_min(1e-300), one)
+            dx, dy = dx * shrink, dy * shrink
+            # not concave: step to the best stencil point
+            dx = torch.where(concave, dx, h * u[imax])
+            dy = torch.where(concave, dy, h * v[imax])
+            step = p + dx[..., None] * east + dy[..., None] * north
+            p = step / step.norm(dim=-1, keepdim=True)
             h = h / 4
-        score = values(lat[:, None], lon[:, None])[:, 0] / peak
-        return lat.to(cf.dtype), lon.to(cf.dtype), score
+        plat, plon = xyz_to_latlon(p)
+        f_end = evaluate_at_points(cf, plat, plon)
+        improved = f_end > best_val
+        best_val = torch.where(improved, f_end, best_val)
+        best_p = torch.where(improved[..., None], p, best_p)
+        out_lat, out_lon = xyz_to_latlon(best_p)
+        return out_lat, out_lon, best_val
+
+
+def basin_mass(dens, area, xyz, mode_xyz, cos_sep: float) -> torch.Tensor:
+    """Share of the positive part of each density ``dens [b, G]`` (weighted by ``area [G]``, or uniform)
+    lying in each mode's basin: grid points ``xyz [G, 3]`` nearer to mode j of ``mode_xyz [b, k, 3]`` than
+    to the others and within ``cos_sep`` of it. Modes at the origin (missing) own nothing. ``[b, k]``."""
+    b, G = dens.shape
+    k = mode_xyz.shape[1]
+    kern = _kernels() if dens.device.type == "cpu" else None
+    if kern is not None:
+        mass = torch.empty((b, k), dtype=torch.float64)
+        w = area if area is not None else torch.ones(G)
+        kern.run_split(
+            kern.basin_mass_range, b, torch.get_num_threads(), 8,
+            dens.float().contiguous().numpy(), w.float().contiguous().numpy(),
+            xyz.double().contiguous().numpy(), mode_xyz.double().contiguous().numpy(), float(cos_sep),
+            mass.numpy(),
+        )
+        return mass
+    pos = dens.clamp_min(0)
+    if area is not None:
+        pos = pos * area
+    total = pos.sum(1, dtype=torch.float64).clamp_min(1e-300)
+    cos_modes = torch.matmul(mode_xyz.to(dens.dtype), xyz.to(dens.dtype).T)  # [b, k, G]
+    best_cos, owner = cos_modes.max(dim=1)  # [b, G]
+    inside = best_cos >= cos_sep
+    mass = torch.zeros((b, k), dtype=torch.float64).scatter_add_(1, owner, (pos * inside).double())
+    return mass / total[:, None]
+
+
+def _greedy_separated(xyz: torch.Tensor, val: torch.Tensor, k: int, cos_sep: float):
+    """Greedy non-maximum suppression over candidates sorted by value (descending), batched over rows:
+    positions ``[b, k]`` of the chosen ones (strongest first) and whether each exists. Candidates with a
+    non-finite value are skipped."""
+    b, m = val.shape
+    kern = _kernels() if val.device.type == "cpu" else None
+    if kern is not None:
+        pos = torch.empty((b, k), dtype=torch.long)
+        found = torch.empty((b, k), dtype=torch.bool)
+        kern.run_split(
+            kern.greedy_separated_range, b, 1, 1, xyz.double().contiguous().numpy(),
+            torch.isfinite(val).contiguous().numpy(), float(cos_sep), pos.numpy(), found.numpy(),
+        )
+        return pos, found
+    alive = torch.isfinite(val)
+    ar = torch.arange(m).expand(b, m)
+    rows = torch.arange(b)
+    chosen, found = [], []
+    for _ in range(k):
+        pos = torch.where(alive, ar, m).min(dim=1).values  # first alive
+        ok = pos < m
+        pos = pos.clamp_max(m - 1)
+        chosen.append(pos)
+        found.append(ok)
+        centre = xyz[rows, pos]  # [b, 3]
+        near = (xyz * centre[:, None]).sum(-1) >= cos_sep
+        alive = alive & ~(near & ok[:, None])
+    return torch.stack(chosen, 1), torch.stack(found, 1)
