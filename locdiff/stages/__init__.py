@@ -9,6 +9,7 @@ Each module owns its artifact's key, build and load:
 | ``targets``          | targets.py    | SHDD codes per embedding part, same rows                      |
 | ``anchors``          | anchors.py    | anchor coordinates (uniform / data / land)                    |
 | ``runs``             | runs.py       | checkpoints, curves                                           |
+| ``retrieval``        | retrieval.py  | gallery index: normalised train embeddings + coordinates      |
 | ``eval``             | evals.py      | predictions, metrics                                          |
 | ``reports``          | reports.py    | report.md, figures, metrics.json                              |
 
@@ -29,7 +30,8 @@ VERSIONS = {
     "targets": "2",
     "anchors": "2",
     "runs": "2",
-    "eval": "2",
+    "retrieval": "1",
+    "eval": "3",
     "reports": "2",
 }
 STAGES = tuple(VERSIONS)
