@@ -49,8 +49,10 @@ def predict_images(
     samples: int | None = None,
     storage: str | None = None,
     seed: int = 0,
+    hybrid: bool = False,
 ) -> list[dict]:
-    """Per image: lat, lon, score and the top-k modes (lat, lon, mass) of the predicted distribution."""
+    """Per image: lat, lon, score, the top-k modes (lat, lon, mass) of the predicted distribution and its
+    50 %/90 % credible radii (km); with ``hybrid`` also LocDiff-H's answer (``hybrid_lat``/``_lon``)."""
     import torch
     from PIL import Image, UnidentifiedImageError
 
@@ -77,20 +79,45 @@ def predict_images(
         except (UnidentifiedImageError, OSError) as exc:
             raise UserError(f"cannot read image {p}: {exc}", "pass JPEG or PNG files") from None
     emb = enc(torch.stack(batch))  # [B, dim]
-    dec = predictor.predict(emb, K=samples, generator=torch.Generator().manual_seed(seed))
+    if samples:
+        predictor.config = predictor.config.replace(infer={"num_samples": int(samples)})
+    index = _retrieval_index(checkpoint, storage) if hybrid else None
+    from locdiff.stages.runs import predict_embeddings
+
+    pred = predict_embeddings(predictor, emb.detach().float().numpy(), seed, retrieval=index)
     out = []
     for i in range(len(paths)):
-        out.append(
-            {
-                "lat": float(dec.lat_deg[i]),
-                "lon": float(dec.lon_deg[i]),
-                "score": float(dec.score[i]),
-                "modes_lat": [float(v) for v in dec.modes_lat_deg[i]],
-                "modes_lon": [float(v) for v in dec.modes_lon_deg[i]],
-                "modes_mass": [float(v) for v in dec.modes_mass[i]],
-            }
-        )
+        r = {
+            "lat": float(pred["pred_lat"][i]),
+            "lon": float(pred["pred_lon"][i]),
+            "score": float(pred["score"][i]),
+            "modes_lat": [float(v) for v in pred["modes_lat"][i]],
+            "modes_lon": [float(v) for v in pred["modes_lon"][i]],
+            "modes_mass": [float(v) for v in pred["modes_mass"][i]],
+            "radius50_km": float(pred["radius50_km"][i]),
+            "radius90_km": float(pred["radius90_km"][i]),
+        }
+        if index is not None:
+            r.update(hybrid_lat=float(pred["hybrid_lat"][i]), hybrid_lon=float(pred["hybrid_lon"][i]))
+        out.append(r)
     return out
+
+
+def _retrieval_index(checkpoint: str | None, storage: str | None):
+    """The retrieval index (gallery) of a run in the store: its training split, built once and reused."""
+    from locdiff.stages.retrieval import build_index, load_index
+
+    if checkpoint and Path(checkpoint).is_file():
+        raise UserError(
+            "--hybrid needs a run in the store (its training embeddings are the gallery)",
+            "pass --checkpoint RUN_KEY instead of a .pt file",
+        )
+    store = Store.from_uri(storage)
+    run_key = checkpoint or store.latest("runs")
+    emb_key = store.manifest(run_key).get("embeddings")
+    if not emb_key:
+        raise UserError(f"{run_key}: the run's manifest does not name its embeddings", "retrain it")
+    return load_index(store, build_index(store, emb_key))
 
 
 def predictions_map_png(results: list[dict], labels: list[str]) -> bytes:

@@ -212,18 +212,25 @@ def predict_command(
     top_k: int = typer.Option(3, help="Modes to print per image."),
     map_png: Path = typer.Option(None, "--map", help="Write a map of the predictions (PNG)."),
     samples: int = typer.Option(None, help="K samples per image (default: the run's config)."),
+    hybrid: bool = typer.Option(
+        False, "--hybrid", help="Also LocDiff-H: refine with the run's training images (retrieval gallery)."
+    ),
 ) -> None:
-    """Predict where IMAGE(s) were taken: lat/lon and the top-k modes of the spherical distribution."""
+    """Predict where IMAGE(s) were taken: lat/lon, 50 %/90 % credible radii and the top-k modes."""
     from locdiff.commands.predict import predict_images
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise UserError(f"no such image file: {missing[0]}", "pass paths of JPEG/PNG files")
     results = predict_images(
-        [str(p) for p in images], checkpoint=checkpoint, encoder=encoder, samples=samples
+        [str(p) for p in images], checkpoint=checkpoint, encoder=encoder, samples=samples, hybrid=hybrid
     )
     for path, r in zip(images, results, strict=True):
         print(f"{path}: {r['lat']:.4f}, {r['lon']:.4f}  (score {r['score']:.3g})")
+        r50, r90 = r["radius50_km"], r["radius90_km"]
+        print(f"  credible radii: 50 % within {r50:,.0f} km, 90 % within {r90:,.0f} km")
+        if hybrid:
+            print(f"  LocDiff-H: {r['hybrid_lat']:.4f}, {r['hybrid_lon']:.4f}")
         for i, (mlat, mlon, mass) in enumerate(
             zip(r["modes_lat"], r["modes_lon"], r["modes_mass"], strict=True)
         ):
