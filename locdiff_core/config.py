@@ -207,6 +207,9 @@ class InferConfig:
     hybrid_rule: str = "best"
     hybrid_modes: int = 5
     hybrid_candidates: int = 256
+    # "similarity": cosine to the run's own training images (the retrieval index); "geoclip": GeoCLIP's
+    # pretrained image–location scorer over its 100 K MP16 gallery (CLIP ViT-L/14 features only)
+    hybrid_scorer: str = "similarity"
     # credible radii: the 50 % / 90 % quantiles of the K samples' distances to the point estimate, times
     # these calibration factors (fitted on a validation split by the evaluation stage; 1 = raw)
     radius50_scale: float = 1.0
@@ -223,6 +226,7 @@ class InferConfig:
         ):
             _check_positive(f"infer.{name}", getattr(self, name))
         _check_choice("infer.hybrid_rule", self.hybrid_rule, ("best", "vote"))
+        _check_choice("infer.hybrid_scorer", self.hybrid_scorer, ("similarity", "geoclip"))
         for name in ("num_samples", "num_steps", "top_k", "batch_size"):
             _check_positive(f"infer.{name}", getattr(self, name))
         _check_choice("infer.sampler", self.sampler, SAMPLERS)

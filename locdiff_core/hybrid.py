@@ -174,3 +174,38 @@ def hybrid_from_neighbours(
     lat = torch.where(use, nb_lat_deg.double().gather(1, arg)[:, 0], pred_lat_deg.double())
     lon = torch.where(use, nb_lon_deg.double().gather(1, arg)[:, 0], pred_lon_deg.double())
     return ModeHybridResult(lat, lon, use, cand.sum(dim=1))
+
+
+@torch.inference_mode()
+def hybrid_modes_with_scorer(
+    emb: Tensor,
+    pred_lat_deg: Tensor,
+    pred_lon_deg: Tensor,
+    modes_lat_deg: Tensor,
+    modes_lon_deg: Tensor,
+    scorer: GalleryScorer,
+    radius_km: float = 200.0,
+) -> HybridResult:
+    """LocDiff-H with a gallery scorer (e.g. GeoCLIP's image–location similarity): the scorer's gallery
+    points within ``radius_km`` of any of LocDiff's modes ``[B, M]`` (NaN = none) are candidates; the
+    best-scoring one answers, else LocDiff's own prediction."""
+    if radius_km <= 0:
+        raise ValueError(f"radius_km={radius_km} must be > 0")
+    b = emb.shape[0]
+    g_lat, g_lon = scorer.gallery_lat_deg, scorer.gallery_lon_deg
+    mask = torch.zeros(b, g_lat.shape[0], dtype=torch.bool)
+    for j in range(modes_lat_deg.shape[1]):
+        ok = torch.isfinite(modes_lat_deg[:, j]) & torch.isfinite(modes_lon_deg[:, j])  # [B]
+        m_lat = torch.nan_to_num(modes_lat_deg[:, j].double())
+        m_lon = torch.nan_to_num(modes_lon_deg[:, j].double())
+        mask |= candidates_within(m_lat, m_lon, g_lat, g_lon, radius_km) & ok[:, None]  # [B, G]
+    n_cand = mask.sum(dim=1)
+    union = mask.any(dim=0).nonzero().squeeze(1)  # [M']
+    best = torch.full((b,), -1, dtype=torch.long)
+    if union.numel():
+        scores = scorer.score(emb, union).float().cpu().masked_fill(~mask[:, union], float("-inf"))
+        best = torch.where(n_cand > 0, union[scores.argmax(dim=1)], best)
+    use = best >= 0
+    lat = torch.where(use, g_lat[best.clamp_min(0)].double(), pred_lat_deg.double())
+    lon = torch.where(use, g_lon[best.clamp_min(0)].double(), pred_lon_deg.double())
+    return HybridResult(lat_deg=lat, lon_deg=lon, from_gallery=use, gallery_idx=best, n_candidates=n_cand)

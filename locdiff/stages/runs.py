@@ -164,6 +164,8 @@ def predict_embeddings(
             radius_km=inf.hybrid_radius_km,
             rule=inf.hybrid_rule,
         )
+        if inf.hybrid_scorer == "geoclip":
+            h = _geoclip_hybrid(predictor, emb_t, out, m, inf.hybrid_radius_km)
         out.update(
             hybrid_lat=h.lat_deg.numpy(),
             hybrid_lon=h.lon_deg.numpy(),
@@ -173,6 +175,30 @@ def predict_embeddings(
             nn_sim=sim[:, 0].double().numpy(),
         )
     return out
+
+
+def _geoclip_hybrid(predictor, emb_t, out: dict, n_modes: int, radius_km: float):
+    """LocDiff-H scored by GeoCLIP (its image head + location encoder over its 100 K gallery)."""
+    import torch
+
+    from locdiff.geoclip_scorer import GEOCLIP_IMAGE_DIM, GeoCLIPScorer
+    from locdiff_core.hybrid import hybrid_modes_with_scorer
+
+    if predictor.embed_dim != GEOCLIP_IMAGE_DIM:
+        raise UserError(
+            f"infer.hybrid_scorer='geoclip' needs CLIP ViT-L/14 features (768-d); this run takes "
+            f"{predictor.embed_dim}-d embeddings",
+            "use infer.hybrid_scorer='similarity' (the run's own training gallery)",
+        )
+    return hybrid_modes_with_scorer(
+        emb_t.float(),
+        torch.from_numpy(out["pred_lat"]).double(),
+        torch.from_numpy(out["pred_lon"]).double(),
+        torch.from_numpy(out["modes_lat"][:, :n_modes]).double(),
+        torch.from_numpy(out["modes_lon"][:, :n_modes]).double(),
+        GeoCLIPScorer(),
+        radius_km=radius_km,
+    )
 
 
 def _latest_part(store: Store, writer, key: str, max_steps: int, every: int) -> tuple[int, dict] | None:

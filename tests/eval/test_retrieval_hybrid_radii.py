@@ -105,3 +105,27 @@ def test_radius_scales_fitted_on_val_reach_nominal_coverage():
     assert coverage(dist, raw[:, 0] * s50) == pytest.approx(0.5, abs=0.01)
     assert coverage(dist, raw[:, 1] * s90) == pytest.approx(0.9, abs=0.01)
     assert coverage(dist, raw[:, 0]) < 0.3
+
+
+def test_hybrid_with_a_scorer_searches_around_every_mode():
+    from locdiff_core.hybrid import hybrid_modes_with_scorer, hybrid_predict
+
+    g_lat = torch.tensor([0.0, 0.5, 30.2, 60.0], dtype=torch.float64)
+    g_lon = torch.tensor([0.0, 0.5, 30.2, 60.0], dtype=torch.float64)
+
+    class Fixed:  # image-independent scores: index 3 best, then 2, then 1, then 0
+        gallery_lat_deg, gallery_lon_deg = g_lat, g_lon
+
+        def score(self, emb, idx):
+            return torch.tensor([0.1, 0.2, 0.5, 9.0])[idx].expand(emb.shape[0], -1)
+
+    emb = torch.zeros(2, 4)
+    pred = torch.tensor([0.2, -40.0], dtype=torch.float64)
+    modes = torch.tensor([[0.2, 30.0], [-40.0, float("nan")]], dtype=torch.float64)
+    res = hybrid_modes_with_scorer(emb, pred, pred, modes, modes, Fixed(), radius_km=200)
+    assert res.gallery_idx.tolist() == [2, -1]  # the second mode's candidate outscores the first's
+    assert res.lat_deg.tolist() == [30.2, -40.0]
+    # with the point prediction as its only mode it is hybrid_predict
+    one = hybrid_modes_with_scorer(emb, pred, pred, pred[:, None], pred[:, None], Fixed(), radius_km=200)
+    ref = hybrid_predict(emb, pred, pred, Fixed(), radius_km=200)
+    assert torch.equal(one.gallery_idx, ref.gallery_idx)
