@@ -18,6 +18,8 @@ import numpy as np
 
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 ACC_KEYS = tuple(f"acc_{t}km" for t in THRESHOLDS_KM)
+# LocDiff's credible radii: % of truths inside the 50 % / 90 % radius, raw and calibrated on `val`
+COVERAGE_KEYS = ("coverage50", "coverage90", "coverage50_cal", "coverage90_cal")
 
 # Accuracy (%) at 1/25/200/750/2500 km as quoted for the LocDiff paper (Wang et al., NeurIPS 2025) by a
 # survey; copied from DESIGN §3. None = not reported.
@@ -37,13 +39,18 @@ def canonical_dataset(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
+PUBLISHED_SOURCE = "as published: Wang et al., NeurIPS 2025, quoted by a survey (DESIGN §3)"
+# the methods an evaluation shows side by side, in this order (others follow)
+METHOD_ORDER = ("locdiff", "locdiff-h", "retrieval-1nn", "most-common-region")
+
+
 def published_rows(dataset: str) -> list[dict]:
     """Rows of published figures for a standard benchmark (percent), [] for any other dataset."""
     rows = []
     for method, accs in PUBLISHED.get(canonical_dataset(dataset), {}).items():
-        row: dict = {"dataset": dataset, "method": method, "source": "published"}
+        row: dict = {"dataset": dataset, "method": method, "source": PUBLISHED_SOURCE}
         row.update({k: v for k, v in zip(ACC_KEYS, accs, strict=True)})
-        row.update(median_km=None, n=None)
+        row.update(median_km=None, geoscore=None, n=None)
         rows.append(row)
     return rows
 
@@ -52,12 +59,17 @@ def metrics_rows(dataset: str, results: Mapping[str, Mapping]) -> list[dict]:
     """Table rows (accuracies in percent) for our methods on one dataset, followed by the published
     figures for that dataset when it is a standard benchmark."""
     rows = []
-    for method, m in results.items():
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    for method in sorted(results, key=lambda x: order.get(x, len(order))):
+        m = results[method]
         row: dict = {"dataset": dataset, "method": method, "source": "this run"}
         for k in ACC_KEYS:
             row[k] = None if m.get(k) is None else round(100.0 * float(m[k]), 1)
         row["median_km"] = None if m.get("median_km") is None else round(float(m["median_km"]), 1)
         row["geoscore"] = None if m.get("geoscore") is None else round(float(m["geoscore"]), 1)
+        for k in COVERAGE_KEYS:
+            if m.get(k) is not None:
+                row[k] = round(100.0 * float(m[k]), 1)
         row["n"] = m.get("n")
         rows.append(row)
     return rows + published_rows(dataset)
@@ -65,8 +77,16 @@ def metrics_rows(dataset: str, results: Mapping[str, Mapping]) -> list[dict]:
 
 def markdown_table(rows: Sequence[Mapping]) -> str:
     """A GitHub-markdown table of metrics rows (as produced by `metrics_rows`)."""
-    head = ["dataset", "method", "source", *[f"{t} km %" for t in THRESHOLDS_KM], "median km", "n"]
-    keys = ["dataset", "method", "source", *ACC_KEYS, "median_km", "n"]
+    head = [
+        "dataset",
+        "method",
+        "source",
+        *[f"{t} km %" for t in THRESHOLDS_KM],
+        "median km",
+        "GeoScore",
+        "n",
+    ]
+    keys = ["dataset", "method", "source", *ACC_KEYS, "median_km", "geoscore", "n"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = []
@@ -265,6 +285,50 @@ def error_cdf_png(distances_km: Mapping[str, np.ndarray], title: str = "") -> by
     return png
 
 
+def coverage_table(rows: Sequence[Mapping]) -> str:
+    """Markdown: coverage (%) of LocDiff's 50 % / 90 % credible radii per dataset, raw and calibrated."""
+    cov = [r for r in rows if r.get("coverage50") is not None]
+    if not cov:
+        return ""
+    out = [
+        "| dataset | method | 50 % radius covers % | calibrated % | 90 % radius covers % | calibrated % |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in cov:
+        cells = [r.get(k) for k in ("coverage50", "coverage50_cal", "coverage90", "coverage90_cal")]
+        out.append(
+            f"| {r['dataset']} | {r['method']} | "
+            + " | ".join("–" if c is None else f"{c:.1f}" for c in cells)
+            + " |"
+        )
+    return "\n".join(out)
+
+
+def reliability_png(points: Mapping[str, Sequence[tuple[float, float]]], title: str = "") -> bytes:
+    """PNG reliability diagram: observed coverage vs nominal level (both in %), one line per series
+    (e.g. "raw", "calibrated on val"), with the diagonal and a ±5 point band."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.0), dpi=90)
+    ax.fill_between([0, 100], [-5, 95], [5, 105], color="grey", alpha=0.15, label="±5 points")
+    ax.plot([0, 100], [0, 100], color="grey", linewidth=0.8)
+    for name, pts in points.items():
+        pts = sorted(pts)
+        ax.plot([0, *(p for p, _ in pts), 100], [0, *(c for _, c in pts), 100], marker="o", label=name)
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("nominal credible level (%)")
+    ax.set_ylabel("truths inside the radius (%)")
+    ax.set_title(title or "credible-radius reliability", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    png = png_bytes(fig)
+    plt.close(fig)
+    return png
+
+
 def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
@@ -282,6 +346,14 @@ def markdown_report(
     URI so that the Prefect UI shows it without access to the store.
     """
     parts = [f"# {title}", "", markdown_table(rows), ""]
+    cov = coverage_table(rows)
+    if cov:
+        parts += [
+            "Credible radii (LocDiff's own K samples; calibrated = one scale per level fitted on `val`):",
+            "",
+            cov,
+            "",
+        ]
     parts += [f"- {n}" for n in notes]
     if notes:
         parts.append("")

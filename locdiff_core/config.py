@@ -199,9 +199,34 @@ class InferConfig:
     # size of the uniform anchor set the decoder searches (and SHDD-KL draws from); 0 = SHDD's default
     # max(10,000, 4·(L+1)²), spacing ~0.8 of the kernel's half-width
     decoder_anchors: int = 0
+    # LocDiff-H (DESIGN §3; chosen on `val` by benchmarks/method, see docs/results.md): the first
+    # `hybrid_modes` of LocDiff's modes propose regions; among the image's `hybrid_candidates` most
+    # similar gallery images, those within `hybrid_radius_km` of a mode are candidates; `hybrid_rule`
+    # "best" takes the most similar, "vote" the one whose 25 km neighbourhood carries most similarity.
+    hybrid_radius_km: float = 200.0
+    hybrid_rule: str = "best"
+    hybrid_modes: int = 5
+    hybrid_candidates: int = 256
+    # "similarity": cosine to the run's own training images (the retrieval index); "geoclip": GeoCLIP's
+    # pretrained image–location scorer over its 100 K MP16 gallery (CLIP ViT-L/14 features only)
+    hybrid_scorer: str = "similarity"
+    # credible radii: the 50 % / 90 % quantiles of the K samples' distances to the point estimate, times
+    # these calibration factors (fitted on a validation split by the evaluation stage; 1 = raw)
+    radius50_scale: float = 1.0
+    radius90_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check_positive("infer.decoder_anchors", self.decoder_anchors, allow_zero=True)
+        for name in (
+            "hybrid_radius_km",
+            "hybrid_modes",
+            "hybrid_candidates",
+            "radius50_scale",
+            "radius90_scale",
+        ):
+            _check_positive(f"infer.{name}", getattr(self, name))
+        _check_choice("infer.hybrid_rule", self.hybrid_rule, ("best", "vote"))
+        _check_choice("infer.hybrid_scorer", self.hybrid_scorer, ("similarity", "geoclip"))
         for name in ("num_samples", "num_steps", "top_k", "batch_size"):
             _check_positive(f"infer.{name}", getattr(self, name))
         _check_choice("infer.sampler", self.sampler, SAMPLERS)

@@ -104,3 +104,108 @@ class CosineGalleryScorer:
     def score(self, emb: Tensor, gallery_idx: Tensor) -> Tensor:
         q = torch.nn.functional.normalize(emb.float(), dim=1)  # [B, E]
         return q @ self.gallery[gallery_idx].T  # [B, M]
+
+
+HYBRID_RULES = ("best", "vote")
+
+
+@dataclass
+class ModeHybridResult:
+    lat_deg: Tensor  # [B]
+    lon_deg: Tensor  # [B]
+    from_gallery: Tensor  # [B] bool: a gallery neighbour replaced LocDiff's prediction
+    n_candidates: Tensor  # [B] long: neighbours that fell within the radius of a mode
+
+
+@torch.inference_mode()
+def hybrid_from_neighbours(
+    pred_lat_deg: Tensor,
+    pred_lon_deg: Tensor,
+    modes_lat_deg: Tensor,
+    modes_lon_deg: Tensor,
+    nb_sim: Tensor,
+    nb_lat_deg: Tensor,
+    nb_lon_deg: Tensor,
+    *,
+    radius_km: float = 200.0,
+    rule: str = "best",
+    vote_km: float = 25.0,
+) -> ModeHybridResult:
+    """LocDiff-H over an image's nearest gallery neighbours (by embedding similarity).
+
+    LocDiff's modes ``[B, M]`` (NaN where fewer exist) propose regions; a neighbour ``[B, N]`` is a
+    candidate when it lies within ``radius_km`` of any mode. ``rule="best"``: the most similar candidate;
+    ``rule="vote"``: the candidate whose ``vote_km`` neighbourhood (among candidates) carries the most
+    similarity (clamped at 0), ties to the more similar one. No candidate: LocDiff's own prediction.
+    With the neighbours sorted by similarity and the exact top-N, ``best`` equals the exact answer over
+    the whole gallery whenever at least one of the N lies in a proposed region.
+    """
+    if rule not in HYBRID_RULES:
+        raise ValueError(
+            f"rule={rule!r} is not allowed; allowed values: {', '.join(map(repr, HYBRID_RULES))}"
+        )
+    if radius_km <= 0:
+        raise ValueError(f"radius_km={radius_km} must be > 0")
+    b, n = nb_sim.shape
+    if modes_lat_deg.ndim != 2 or modes_lat_deg.shape[0] != b or pred_lat_deg.shape != (b,):
+        raise ValueError(
+            f"modes must be [B, M] and predictions [B] with B = {b}, got {tuple(modes_lat_deg.shape)} and "
+            f"{tuple(pred_lat_deg.shape)}"
+        )
+    cos_r = math.cos(min(radius_km / EARTH_RADIUS_KM, math.pi))
+    m_ok = torch.isfinite(modes_lat_deg) & torch.isfinite(modes_lon_deg)  # [B, M]
+    m_xyz = latlon_to_xyz(
+        torch.nan_to_num(modes_lat_deg.double()), torch.nan_to_num(modes_lon_deg.double())
+    )  # [B, M, 3]
+    g_xyz = latlon_to_xyz(nb_lat_deg.double(), nb_lon_deg.double())  # [B, N, 3]
+    near = (torch.einsum("bnc,bmc->bnm", g_xyz, m_xyz) >= cos_r) & m_ok[:, None, :]  # [B, N, M]
+    cand = near.any(dim=2)  # [B, N]
+    sim = nb_sim.double()
+    if rule == "best":
+        score = sim.masked_fill(~cand, float("-inf"))  # [B, N]
+    else:
+        cos_v = math.cos(min(vote_km / EARTH_RADIUS_KM, math.pi))
+        close = torch.einsum("bnc,bjc->bnj", g_xyz, g_xyz) >= cos_v  # [B, N, N]
+        w = (sim.clamp_min(0) * cand)[:, None, :]  # [B, 1, N]
+        votes = (close * w).sum(-1)  # [B, N]
+        score = (votes + 1e-9 * sim).masked_fill(~cand, float("-inf"))  # ties -> the more similar one
+    arg = score.argmax(dim=1, keepdim=True)  # [B, 1]
+    use = cand.any(dim=1)
+    lat = torch.where(use, nb_lat_deg.double().gather(1, arg)[:, 0], pred_lat_deg.double())
+    lon = torch.where(use, nb_lon_deg.double().gather(1, arg)[:, 0], pred_lon_deg.double())
+    return ModeHybridResult(lat, lon, use, cand.sum(dim=1))
+
+
+@torch.inference_mode()
+def hybrid_modes_with_scorer(
+    emb: Tensor,
+    pred_lat_deg: Tensor,
+    pred_lon_deg: Tensor,
+    modes_lat_deg: Tensor,
+    modes_lon_deg: Tensor,
+    scorer: GalleryScorer,
+    radius_km: float = 200.0,
+) -> HybridResult:
+    """LocDiff-H with a gallery scorer (e.g. GeoCLIP's image–location similarity): the scorer's gallery
+    points within ``radius_km`` of any of LocDiff's modes ``[B, M]`` (NaN = none) are candidates; the
+    best-scoring one answers, else LocDiff's own prediction."""
+    if radius_km <= 0:
+        raise ValueError(f"radius_km={radius_km} must be > 0")
+    b = emb.shape[0]
+    g_lat, g_lon = scorer.gallery_lat_deg, scorer.gallery_lon_deg
+    mask = torch.zeros(b, g_lat.shape[0], dtype=torch.bool)
+    for j in range(modes_lat_deg.shape[1]):
+        ok = torch.isfinite(modes_lat_deg[:, j]) & torch.isfinite(modes_lon_deg[:, j])  # [B]
+        m_lat = torch.nan_to_num(modes_lat_deg[:, j].double())
+        m_lon = torch.nan_to_num(modes_lon_deg[:, j].double())
+        mask |= candidates_within(m_lat, m_lon, g_lat, g_lon, radius_km) & ok[:, None]  # [B, G]
+    n_cand = mask.sum(dim=1)
+    union = mask.any(dim=0).nonzero().squeeze(1)  # [M']
+    best = torch.full((b,), -1, dtype=torch.long)
+    if union.numel():
+        scores = scorer.score(emb, union).float().cpu().masked_fill(~mask[:, union], float("-inf"))
+        best = torch.where(n_cand > 0, union[scores.argmax(dim=1)], best)
+    use = best >= 0
+    lat = torch.where(use, g_lat[best.clamp_min(0)].double(), pred_lat_deg.double())
+    lon = torch.where(use, g_lon[best.clamp_min(0)].double(), pred_lon_deg.double())
+    return HybridResult(lat_deg=lat, lon_deg=lon, from_gallery=use, gallery_idx=best, n_candidates=n_cand)

@@ -8,6 +8,8 @@ delta codes is the code of their empirical mixture, whose dominant mode the deco
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -66,6 +68,60 @@ def sample_x0(
     return x0.reshape(b, k, d)  # [B, K, D]
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """The decoded averaged code plus where each of the K samples lands (``[B, K]``, on the anchor grid):
+    the samples are LocDiff's own predicted distribution, from which the credible radii are measured."""
+
+    decoded: object  # shdd.Decoded
+    sample_lat_deg: Tensor  # [B, K]
+    sample_lon_deg: Tensor  # [B, K]
+
+    def radii_km(self, levels=(0.5, 0.9), scales=None) -> Tensor:
+        """``[B, len(levels)]`` credible radii around the point estimate (see :func:`credible_radii`)."""
+        return credible_radii(
+            self.decoded.lat_deg,
+            self.decoded.lon_deg,
+            self.sample_lat_deg,
+            self.sample_lon_deg,
+            levels,
+            scales,
+        )
+
+
+def sample_locations(x0_codes: Tensor, grid) -> tuple[Tensor, Tensor]:
+    """Where each sampled code peaks on an anchor grid: codes ``[B, K, D]`` (c units) -> lat, lon
+    ``[B, K]``."""
+    b, k, d = x0_codes.shape
+    vals = grid.evaluate(x0_codes.reshape(b * k, d))  # [B*K, A]
+    arg = vals.argmax(dim=1)  # [B*K]
+    lat = grid.lat_deg.to(torch.float64)[arg].reshape(b, k)
+    lon = grid.lon_deg.to(torch.float64)[arg].reshape(b, k)
+    return lat, lon
+
+
+def credible_radii(point_lat, point_lon, sample_lat, sample_lon, levels=(0.5, 0.9), scales=None) -> Tensor:
+    """Radii (km) around each point estimate holding a fraction ``levels`` of its K samples.
+
+    The q-radius is the q-quantile (linear interpolation) of the haversine distances from the point
+    estimate ``[B]`` to the samples ``[B, K]``, times ``scales[i]`` (a calibration factor fitted on a
+    validation split, 1 = raw). Returns ``[B, len(levels)]`` float64.
+    """
+    from .sphere import haversine_km
+
+    levels = [float(q) for q in levels]
+    if any(not 0 < q < 1 for q in levels):
+        raise ValueError(f"levels must lie in (0, 1), got {levels}")
+    scales = [1.0] * len(levels) if scales is None else [float(s) for s in scales]
+    if len(scales) != len(levels) or any(s <= 0 for s in scales):
+        raise ValueError(f"scales must be {len(levels)} positive numbers, got {scales}")
+    pl = torch.as_tensor(point_lat, dtype=torch.float64)[:, None]
+    po = torch.as_tensor(point_lon, dtype=torch.float64)[:, None]
+    d = haversine_km(pl, po, sample_lat.to(torch.float64), sample_lon.to(torch.float64))  # [B, K]
+    q = torch.quantile(d, torch.tensor(levels, dtype=torch.float64), dim=1).T  # [B, len(levels)]
+    return q * torch.tensor(scales, dtype=torch.float64)
+
+
 def predict_with(
     model: CSUNet,
     schedule: NoiseSchedule,
@@ -80,13 +136,16 @@ def predict_with(
     generator: torch.Generator | None = None,
     infer: InferConfig | None = None,
     anchors=None,
+    with_samples: bool = False,
 ):
-    """Sample, average in code space, decode (chunked over images). Returns ``shdd``'s ``Decoded``."""
+    """Sample, average in code space, decode (chunked over images). Returns ``shdd``'s ``Decoded``, or
+    with ``with_samples`` a :class:`Prediction` (plus each sample's location on the decoder's grid)."""
     infer = infer or InferConfig()
     emb = check_embeddings(emb, model.embed_dim)
+    grid = (anchors if anchors is not None else shdd.default_grid()) if with_samples else None
     was_training = model.training
     model.eval()
-    codes = []
+    codes, s_lat, s_lon = [], [], []
     try:
         for start in range(0, emb.shape[0], infer.batch_size):
             chunk = emb[start : start + infer.batch_size]
@@ -102,11 +161,18 @@ def predict_with(
                 generator=generator,
             )  # [b, K, D]
             codes.append(x0.mean(dim=1).cpu() / shdd.scale)  # [b, D] averaged code
+            if grid is not None:
+                la, lo = sample_locations(x0.cpu() / shdd.scale, grid)  # [b, K] each
+                s_lat.append(la)
+                s_lon.append(lo)
     finally:
         model.train(was_training)
     coeffs = torch.cat(codes).to(torch.float64)  # [B, D]
     with torch.inference_mode():
-        return shdd.decode(coeffs, rho_km=infer.rho_km, anchors=anchors, top_k=infer.top_k)
+        dec = shdd.decode(coeffs, rho_km=infer.rho_km, anchors=anchors, top_k=infer.top_k)
+    if grid is None:
+        return dec
+    return Prediction(dec, torch.cat(s_lat), torch.cat(s_lon))
 
 
 class Predictor:
@@ -144,8 +210,10 @@ class Predictor:
         guidance: float | None = None,
         eta: float | None = None,
         generator: torch.Generator | None = None,
+        with_samples: bool = False,
     ):
-        """emb [B, embed_dim] -> Decoded (lat_deg, lon_deg, score, modes_*) per image."""
+        """emb [B, embed_dim] -> Decoded (lat_deg, lon_deg, score, modes_*) per image; with
+        ``with_samples`` a :class:`Prediction` (Decoded + each sample's location, for credible radii)."""
         inf = self.config.infer
         return predict_with(
             self.model,
@@ -160,4 +228,5 @@ class Predictor:
             generator=generator,
             infer=inf,
             anchors=self.anchors,
+            with_samples=with_samples,
         )

@@ -15,7 +15,9 @@ What it does:
 3. writes one markdown table per split (mean ± sample standard deviation over seeds) to ``--out``, and
    a JSON file with every per-seed figure beside it.
 
-Methods: ``locdiff`` (``locdiff_core.train`` + ``sampling.Predictor``), ``regression`` and
+Methods: ``locdiff`` (``locdiff_core.train`` + ``sampling.Predictor``), ``locdiff-h`` (the same model and
+samples; LocDiff's modes propose regions, the training images within ``infer.hybrid_radius_km`` of one
+are scored by embedding similarity: ``locdiff_core.hybrid.hybrid_from_neighbours``), ``regression`` and
 ``classification`` (``locdiff_core.baselines``), ``retrieval`` (GeoCLIP-style: cosine similarity of the
 query embedding against every training embedding -> coordinates of the nearest, or the densest of the
 top-k), ``most_common_cell``.
@@ -49,7 +51,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 BENCH_VERSION = "1"  # bump when the evaluation protocol changes (invalidates cached rows)
-METHODS = ("locdiff", "regression", "classification", "retrieval", "most_common_cell")
+METHODS = ("locdiff", "locdiff-h", "regression", "classification", "retrieval", "most_common_cell")
+COVERAGE_COLS = ("coverage50", "coverage50_cal", "coverage90", "coverage90_cal")
 METRIC_COLS = ("acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "median_km", "geoscore")
 ROW_KEYS = {
     "name",
@@ -67,6 +70,7 @@ SPLIT_NOTES = {
     "test": "random gallery points, every training point >= 100 km away (the honest test)",
     "test_random": "random gallery points from the training pool (LEAKY: near-duplicate tiles)",
     "test_uniform": "uniform land points >= 100 km from training (unseen locations, new distribution)",
+    "val": "validation split (model selection only: LocDiff-H's radius and rule are chosen here)",
 }
 
 
@@ -148,8 +152,14 @@ def prepare_data(data_cfg: dict, store=None, progress=print):
     emb_key = embed_dataset(store, ds_key, data_cfg.get("encoder", "efficientnet-lite0"))
     progress(f"data: {ds_key} -> {emb_key} ({time.perf_counter() - t0:.1f} s)")
     splits = {}
-    for split in ["train", *data_cfg.get("eval_splits", ["test", "test_random", "test_uniform"])]:
-        _, emb, lat, lon = load_embeddings(store, emb_key, split=split)
+    wanted = ["train", *data_cfg.get("eval_splits", ["test", "test_random", "test_uniform"])]
+    for split in wanted + [s for s in data_cfg.get("extra_splits", []) if s not in wanted]:
+        try:
+            _, emb, lat, lon = load_embeddings(store, emb_key, split=split)
+        except LookupError:
+            if split in wanted:
+                raise
+            continue  # an extra split the sample does not have
         cap = int(data_cfg.get("max_eval", 0))
         if split != "train" and cap and emb.shape[0] > cap:
             emb, lat, lon = emb[:cap], lat[:cap], lon[:cap]  # splits are already in random order
@@ -231,6 +241,7 @@ def fit_locdiff(cache: Path, emb_key: str, config, train, log=print):
 
 
 _CODES: dict = {}  # sampled, averaged codes per (model, inference settings, seed, split) in this process
+_SAMPLES: dict = {}  # the same samples' own peaks (lat, lon [N, K]) on the decoder grid
 
 
 def run_row_seed(cfg: dict, row: dict, seed: int, emb_key: str, splits: dict, cache: Path, log=print) -> dict:
@@ -244,8 +255,10 @@ def run_row_seed(cfg: dict, row: dict, seed: int, emb_key: str, splits: dict, ca
     out: dict = {"row": row["name"], "method": method, "seed": seed, "splits": {}}
     t0 = time.perf_counter()
     cached_model = False
-    if method == "locdiff":
-        from locdiff_core.sampling import Predictor, sample_x0
+    if method in ("locdiff", "locdiff-h"):
+        from locdiff_core.sampling import Predictor, credible_radii, sample_locations, sample_x0
+
+        last_radii: dict = {}
 
         config = resolved_locdiff_config(cfg, row, seed)
         ckpt, train_s, cached_model = fit_locdiff(cache, emb_key, config, train, log)
@@ -274,7 +287,8 @@ def run_row_seed(cfg: dict, row: dict, seed: int, emb_key: str, splits: dict, ca
             key = (*sample_key, emb.shape[0], float(emb.sum()))
             if key not in _CODES:
                 gen = torch.Generator().manual_seed(10_000 + seed)
-                codes = []
+                codes, s_lat, s_lon = [], [], []
+                grid = predictor.anchors if predictor.anchors is not None else predictor.shdd.default_grid()
                 for s in range(0, emb.shape[0], inf.batch_size):
                     x0 = sample_x0(
                         predictor.model,
@@ -288,9 +302,41 @@ def run_row_seed(cfg: dict, row: dict, seed: int, emb_key: str, splits: dict, ca
                         generator=gen,
                     )  # [b, K, D]
                     codes.append(x0.mean(dim=1) / predictor.shdd.scale)  # averaged code, as Predictor
+                    la, lo = sample_locations(x0 / predictor.shdd.scale, grid)  # each sample's peak
+                    s_lat.append(la), s_lon.append(lo)
                 _CODES[key] = torch.cat(codes).to(torch.float64)
-            dec = predictor.shdd.decode(_CODES[key], rho_km=inf.rho_km, anchors=predictor.anchors)
-            return dec.lat_deg, dec.lon_deg
+                _SAMPLES[key] = (torch.cat(s_lat), torch.cat(s_lon))
+            dec = predictor.shdd.decode(
+                _CODES[key], rho_km=inf.rho_km, anchors=predictor.anchors, top_k=inf.top_k
+            )
+            if method == "locdiff":
+                # LocDiff's 50 % / 90 % credible radii (K-sample distance quantiles) for the coverage
+                last_radii["r"] = credible_radii(dec.lat_deg, dec.lon_deg, *_SAMPLES[key]).numpy()
+                return dec.lat_deg, dec.lon_deg
+            return hybrid_predict(dec, emb)
+
+        if method == "locdiff-h":
+            from locdiff_core.hybrid import hybrid_from_neighbours
+            from locdiff_core.retrieval import normalize_rows, search_inner_product
+
+            gallery = normalize_rows(train.emb)
+            g_lat, g_lon = train.lat_deg.double(), train.lon_deg.double()
+
+            def hybrid_predict(dec, emb):
+                sim, idx = search_inner_product(normalize_rows(emb), gallery, inf.hybrid_candidates)
+                m = inf.hybrid_modes
+                h = hybrid_from_neighbours(
+                    dec.lat_deg.double(),
+                    dec.lon_deg.double(),
+                    dec.modes_lat_deg[:, :m].double(),
+                    dec.modes_lon_deg[:, :m].double(),
+                    sim,
+                    g_lat[idx],
+                    g_lon[idx],
+                    radius_km=inf.hybrid_radius_km,
+                    rule=inf.hybrid_rule,
+                )
+                return h.lat_deg, h.lon_deg
 
     elif method == "retrieval":
         rc = row.get("retrieval", {})
@@ -322,8 +368,14 @@ def run_row_seed(cfg: dict, row: dict, seed: int, emb_key: str, splits: dict, ca
         predict = model.predict
     out["train_s"] = train_s
     out["train_cached"] = cached_model
+    radii: dict = {}  # split -> (distances, radii [N, 2]) of LocDiff, for coverage and calibration
+    import numpy as np
+
+    from locdiff_core.sphere import haversine_km
+
     for split, data in splits.items():
-        if split == "train" or split not in row.get("eval_splits", splits):
+        default_splits = cfg["data"].get("eval_splits", list(splits))
+        if split == "train" or split not in row.get("eval_splits", default_splits):
             continue
         t1 = time.perf_counter()
         with torch.inference_mode():
@@ -331,16 +383,42 @@ def run_row_seed(cfg: dict, row: dict, seed: int, emb_key: str, splits: dict, ca
         infer_s = time.perf_counter() - t1
         m = geolocation_metrics(data.lat_deg, data.lon_deg, lat, lon)
         out["splits"][split] = {**{k: float(v) for k, v in m.items()}, "infer_s": infer_s}
+        if method == "locdiff":
+            d = haversine_km(data.lat_deg, data.lon_deg, lat.double(), lon.double()).numpy()
+            r = last_radii["r"]
+            out["splits"][split].update(
+                coverage50=float((d <= r[:, 0]).mean()), coverage90=float((d <= r[:, 1]).mean())
+            )
+            radii[split] = (d, r)
+    if method == "locdiff" and "val" in splits and radii:
+        # calibration: one scale per level fitted on `val` (the q-quantile of distance / radius there)
+        if "val" not in radii:
+            with torch.inference_mode():
+                lat, lon = predict(splits["val"].emb)
+            v = splits["val"]
+            radii["val"] = (
+                haversine_km(v.lat_deg, v.lon_deg, lat.double(), lon.double()).numpy(),
+                last_radii["r"],
+            )
+        dv, rv = radii["val"]
+        scales = [float(np.quantile(dv / np.maximum(rv[:, i], 1e-6), q)) for i, q in enumerate((0.5, 0.9))]
+        out["radius_scales_val"] = scales
+        for split, (d, r) in radii.items():
+            if split in out["splits"]:
+                out["splits"][split].update(
+                    coverage50_cal=float((d <= scales[0] * r[:, 0]).mean()),
+                    coverage90_cal=float((d <= scales[1] * r[:, 1]).mean()),
+                )
     return out
 
 
 def result_key(cfg: dict, row: dict, seed: int, emb_key: str) -> str:
     spec = {k: v for k, v in row.items() if k not in ("group", "note", "seeds")}
-    if row["method"] == "locdiff":
+    if row["method"] in ("locdiff", "locdiff-h"):
         spec["resolved"] = resolved_locdiff_config(cfg, row, seed).to_dict()
     else:
         spec["budget"] = {k: v for k, v in cfg["budget"].items() if k != "infer"}  # LocDiff-only settings
-    data = {k: v for k, v in cfg["data"].items() if k != "store"}
+    data = {k: v for k, v in cfg["data"].items() if k not in ("store", "extra_splits")}
     return _hash({"v": BENCH_VERSION, "emb": emb_key, "data": data, "row": spec, "seed": seed})
 
 
@@ -420,9 +498,10 @@ def aggregate(results: list[dict]) -> dict:
     return agg
 
 
-def render_tables(results: list[dict], cfg: dict, groups=("main", "budget", "ablation")) -> str:
+def render_tables(results: list[dict], cfg: dict, groups=("main", "budget", "ablation", "select")) -> str:
     agg = aggregate(results)
     splits = [s for s in cfg["data"].get("eval_splits", ["test", "test_random", "test_uniform"])]
+    splits += [s for s in cfg["data"].get("extra_splits", []) if s not in splits]
     lines = []
     sizes = results[0].get("sizes", {}) if results else {}
     for group in groups:
@@ -451,6 +530,23 @@ def render_tables(results: list[dict], cfg: dict, groups=("main", "budget", "abl
                 ]
                 lines.append(f"| {name} | {len(a['seeds'])} | " + " | ".join(cells) + " |")
             lines.append("")
+    cov = [(n, a) for n, a in agg.items() if any("coverage50" in a.get(sp, {}) for sp in splits)]
+    if cov:
+        lines += [
+            "### credible radii: % of truths inside LocDiff's 50 % / 90 % radius (raw; calibrated = one "
+            "scale per level fitted on `val`)",
+            "",
+            "| row | split | seeds | 50 % raw | 50 % calibrated | 90 % raw | 90 % calibrated |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, a in cov:
+            for split in splits:
+                m = a.get(split)
+                if not m or "coverage50" not in m:
+                    continue
+                cells = [_fmt(m.get(k, []), "pct") for k in COVERAGE_COLS]
+                lines.append(f"| {name} | {split} | {len(m['coverage50'])} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 

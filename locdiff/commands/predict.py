@@ -197,6 +197,7 @@ class Model:
     run_key: str | None
     device: str
     columns: list[str] = field(default_factory=list)
+    retrieval: object | None = None  # the run's gallery index: LocDiff-H columns (``--hybrid``)
 
 
 def resolve_device(device: str) -> str:
@@ -219,6 +220,7 @@ def load_model(
     encoder: str | None = None,
     device: str = "cpu",
     checkpoint_file: str | None = None,
+    hybrid: bool = False,
 ) -> Model:
     """The predictor + encoder of a model reference (run key, alias name, None: ``prod`` else the
     newest run) or of a checkpoint file (then ``encoder`` is required). Checkpoints are read only
@@ -262,6 +264,8 @@ def load_model(
             "pass the --encoder the run was trained with",
         )
     m = Model(predictor, enc, run_key, device)
+    if hybrid:
+        m.retrieval = _retrieval_index(checkpoint_file or run_key, storage)
     m.columns = list(_flatten(_predict(m, np.zeros((1, enc.dim), np.float32), 0), 1)[0])
     return m
 
@@ -269,7 +273,7 @@ def load_model(
 def _predict(model: Model, emb: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     from locdiff.stages.runs import predict_embeddings
 
-    return predict_embeddings(model.predictor, emb, seed=seed)
+    return predict_embeddings(model.predictor, emb, seed=seed, retrieval=model.retrieval)
 
 
 def _column_name(name: str, j: int | None) -> str:
@@ -506,11 +510,12 @@ def predict_images(
     samples: int | None = None,
     storage: str | None = None,
     seed: int = 0,
+    hybrid: bool = False,
 ) -> list[dict]:
     """Per image: lat, lon, score and the top-k modes (lat, lon, mass) — lists, for the map."""
     is_file = bool(checkpoint) and Path(checkpoint).is_file()
     model = load_model(
-        None if is_file else checkpoint, storage, encoder, "cpu", checkpoint if is_file else None
+        None if is_file else checkpoint, storage, encoder, "cpu", checkpoint if is_file else None, hybrid
     )
     if samples:
         model.predictor.config = model.predictor.config.replace(infer={"num_samples": int(samples)})
@@ -532,6 +537,23 @@ def as_result(row: dict) -> dict:
         k += 1
     res.update(modes)
     return res
+
+
+def _retrieval_index(checkpoint: str | None, storage: str | None):
+    """The retrieval index (gallery) of a run in the store: its training split, built once and reused."""
+    from locdiff.stages.retrieval import build_index, load_index
+
+    if checkpoint and Path(checkpoint).is_file():
+        raise UserError(
+            "--hybrid needs a run in the store (its training embeddings are the gallery)",
+            "pass --checkpoint RUN_KEY instead of a .pt file",
+        )
+    store = Store.from_uri(storage)
+    run_key = checkpoint or store.latest("runs")
+    emb_key = store.manifest(run_key).get("embeddings")
+    if not emb_key:
+        raise UserError(f"{run_key}: the run's manifest does not name its embeddings", "retrain it")
+    return load_index(store, build_index(store, emb_key))
 
 
 def predictions_map_png(results: list[dict], labels: list[str]) -> bytes:

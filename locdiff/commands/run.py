@@ -239,6 +239,9 @@ def predict_command(
         None, "--storage", help="Store URI (default: $LOCDIFF_STORAGE or data/store)."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    hybrid: bool = typer.Option(
+        False, "--hybrid", help="Also LocDiff-H: refine with the run's training images (retrieval gallery)."
+    ),
 ) -> None:
     """Predict where images were taken: lat/lon and the top-k modes of the spherical distribution.
 
@@ -257,7 +260,12 @@ def predict_command(
     if checkpoint and not is_file and "/" not in checkpoint:
         raise UserError(f"--checkpoint {checkpoint!r} is neither a file nor a run key", "e.g. runs/NAME/HASH")
     m = pr.load_model(
-        model or (None if is_file else checkpoint), storage, encoder, device, checkpoint if is_file else None
+        model or (None if is_file else checkpoint),
+        storage,
+        encoder,
+        device,
+        checkpoint if is_file else None,
+        hybrid,
     )
     if samples:
         m.predictor.config = m.predictor.config.replace(infer={"num_samples": int(samples)})
@@ -320,11 +328,12 @@ def _print_row(r: dict, top_k: int) -> None:
     if r.get("error"):
         print(f"{r['path']}: error: {r['error']}")
         return
-    line = f"{r['path']}: {r['lat']:.4f}, {r['lon']:.4f}  (score {r['score']:.3g})"
-    extra = [f"{k} {v:,.0f}" for k, v in r.items() if k.startswith("radius") and v is not None]
+    print(f"{r['path']}: {r['lat']:.4f}, {r['lon']:.4f}  (score {r['score']:.3g})")
+    if r.get("radius50_km") is not None:
+        r50, r90 = r["radius50_km"], r["radius90_km"]
+        print(f"  credible radii: 50 % within {r50:,.0f} km, 90 % within {r90:,.0f} km")
     if r.get("hybrid_lat") is not None:
-        extra.insert(0, f"LocDiff-H {r['hybrid_lat']:.4f}, {r['hybrid_lon']:.4f}")
-    print(line + (("  " + "  ".join(extra)) if extra else ""))
+        print(f"  LocDiff-H: {r['hybrid_lat']:.4f}, {r['hybrid_lon']:.4f}")
     for i in range(1, top_k + 1):
         mlat, mlon, mass = (r.get(f"mode{i}_{p}") for p in ("lat", "lon", "mass"))
         if mlat is None or mass is None or mass <= 0:  # the distribution has fewer modes

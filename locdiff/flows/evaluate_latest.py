@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from locdiff.flows.pipeline import evaluate_present
-from locdiff.flows.stages import report_flow
+from locdiff.flows.stages import report_flow, retrieval_flow
 
 NIGHTLY_DATASETS = ["yfcc26k", "gws15k", "im2gps3k", "yfcc4k"]
 
@@ -28,8 +28,17 @@ def evaluate_latest(
     # a run key or a model name (`locdiff runs tag`); by default the run named `prod`, else the newest
     run_key = aliases.resolve_run(store, run_key) if run_key else aliases.default_run(store)
     print(f"evaluating {run_key}")
+    from locdiff.stages.evals import BASELINES
+
+    train_emb = store.manifest(run_key).get("embeddings")
+    retrieval_key = retrieval_flow(storage=storage, embeddings_key=train_emb) if train_emb else None
     eval_keys, notes = evaluate_present(
-        storage, run_key, run_encoder(store, run_key), NIGHTLY_DATASETS if datasets is None else datasets, []
+        storage,
+        run_key,
+        run_encoder(store, run_key),
+        NIGHTLY_DATASETS if datasets is None else datasets,
+        list(BASELINES),
+        retrieval_key=retrieval_key,
     )
     report = (
         report_flow(
@@ -40,4 +49,10 @@ def evaluate_latest(
     )
     if report is None:
         print("no dataset to evaluate on:\n" + "\n".join(notes))
-    return {"run": run_key, "evaluations": eval_keys, "notes": notes, "report": report}
+    return {
+        "run": run_key,
+        "retrieval": retrieval_key,
+        "evaluations": eval_keys,
+        "notes": notes,
+        "report": report,
+    }

@@ -1,7 +1,8 @@
 """The chained pipeline shared by `train-mp16` and `demo`: every stage as a subflow, passing keys.
 
 prepare → embed → targets (unless train.targets="per_batch") → anchors (the decoder's uniform set; plus
-the data set when SHDD-KL draws photo-distribution anchors) → train → evaluate → report. The config is
+the data set when SHDD-KL draws photo-distribution anchors) → train → retrieval index (the training
+split's gallery, for LocDiff-H and retrieval 1-NN) → evaluate → report. The config is
 resolved once here (preset + overrides, validated before any work; the embedding width is applied
 when the embeddings exist) and travels as one ``LocDiffConfig``.
 """
@@ -16,6 +17,7 @@ from locdiff.flows.stages import (
     evaluate_flow,
     prepare_flow,
     report_flow,
+    retrieval_flow,
     targets_flow,
     train_flow,
 )
@@ -28,9 +30,11 @@ def evaluate_present(
     datasets: list[str],
     baselines: list[str],
     encoder_options: dict | None = None,
+    retrieval_key: str | None = None,
 ) -> tuple[list[str], list[str]]:
     """Embed and evaluate every dataset of `datasets` that is committed in the store (all its rows);
-    returns (eval keys, notes on the ones skipped)."""
+    returns (eval keys, notes on the ones skipped). ``retrieval_key``: the run's gallery index (adds
+    LocDiff-H and retrieval 1-NN)."""
     from locdiff.stages.datasets import latest_dataset
     from locdiff.storage import Store
 
@@ -53,6 +57,7 @@ def evaluate_present(
                 split=None,
                 dataset=name,
                 baselines=baselines,
+                retrieval_key=retrieval_key,
             )
         )
     return eval_keys, notes
@@ -103,6 +108,8 @@ def run_pipeline(
         refresh=refresh,
     )
 
+    retrieval_key = retrieval_flow(storage=storage, embeddings_key=emb_key, split="train")
+
     eval_keys, notes = [], []
     if splits(store, ds_key).get("test"):
         eval_keys.append(
@@ -113,13 +120,14 @@ def run_pipeline(
                 split="test",
                 dataset=dataset,
                 baselines=baselines,
+                retrieval_key=retrieval_key,
             )
         )
     else:
         notes.append(f"{dataset}: no test split; evaluated on the benchmarks present only")
         log.info(notes[-1])
     more, skipped = evaluate_present(
-        storage, run_key, encoder, eval_datasets or [], baselines, encoder_options
+        storage, run_key, encoder, eval_datasets or [], baselines, encoder_options, retrieval_key
     )
     eval_keys += more
     notes += skipped
@@ -132,6 +140,7 @@ def run_pipeline(
         "targets": targets_key,
         "anchors": anchors,
         "run": run_key,
+        "retrieval": retrieval_key,
         "evaluations": eval_keys,
         "notes": notes,
         "report": report,

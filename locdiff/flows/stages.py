@@ -61,9 +61,16 @@ def evaluate_flow(
     split: str | None = "test",
     dataset: str | None = None,
     baselines: list[str] | None = None,
+    retrieval_key: str | None = None,
 ) -> str:
     """Returns the eval key (predictions.parquet + metrics.parquet)."""
-    return tasks.evaluate_task(storage, run_key, embeddings_key, split, dataset, baselines)
+    return tasks.evaluate_task(storage, run_key, embeddings_key, split, dataset, baselines, retrieval_key)
+
+
+@flow(name="retrieval-index", log_prints=True)
+def retrieval_flow(storage: str | None, embeddings_key: str, split: str = "train") -> str:
+    """The retrieval index (gallery: normalised embeddings + coordinates) of a split; returns its key."""
+    return tasks.retrieval_task(storage, embeddings_key, split)
 
 
 @flow(name="report", log_prints=True)

@@ -172,6 +172,13 @@ def anchors(
     return build_anchor_set(Store.from_uri(storage), kind, n, dataset_key=source_key)
 
 
+def retrieval(storage: str | None, embeddings_key: str, split: str = "train") -> str:
+    """The retrieval index (gallery) of one split of an embeddings artifact; returns the key."""
+    from locdiff.stages.retrieval import build_index
+
+    return build_index(Store.from_uri(storage), embeddings_key, split)
+
+
 def train(
     storage: str | None,
     embeddings_key: str,
@@ -209,6 +216,7 @@ def evaluate(
     split: str | None = "test",
     dataset: str | None = None,
     baselines: list[str] | None = None,
+    retrieval_key: str | None = None,
 ) -> str:
     """Evaluate a committed run on one split of an embeddings artifact; returns the eval key."""
     from locdiff.stages.evals import BASELINES, evaluate_run
@@ -222,6 +230,7 @@ def evaluate(
         dataset=dataset,
         baselines=list(BASELINES if baselines is None else baselines),
         progress=bar,
+        retrieval_key=retrieval_key,
     )
     bar.done()
     return key
@@ -255,11 +264,14 @@ def _publish(title: str, out: dict) -> None:
     base = slug(title) or "report"
     create_table_artifact(
         table=[
-            {k: r.get(k) for k in ("dataset", "method", "source", *rp.ACC_KEYS, "median_km", "n")}
+            {k: r.get(k) for k in ("dataset", "method", "source", *rp.ACC_KEYS, "median_km", "geoscore", "n")}
             for r in out["rows"]
         ],
         key=f"{base}-metrics",
-        description=f"{title}: accuracy (%) at 1/25/200/750/2500 km beside published figures",
+        description=(
+            f"{title}: accuracy (%) at 1/25/200/750/2500 km, median km and GeoScore of LocDiff, "
+            "LocDiff-H, retrieval 1-NN and most-common-region, beside published figures"
+        ),
     )
     create_markdown_artifact(
         markdown=out["ui_markdown"], key=f"{base}-report", description=f"{title} ({out['report']})"
@@ -271,6 +283,7 @@ prepare_task = io_task(prepare, "datasets", timeout_seconds=48 * 3600, name="pre
 embed_task = io_task(embed, "embeddings", timeout_seconds=48 * 3600, name="embed")
 targets_task = io_task(targets, "targets", timeout_seconds=12 * 3600)
 anchors_task = io_task(anchors, "anchors", timeout_seconds=3600)
+retrieval_task = io_task(retrieval, "retrieval", timeout_seconds=6 * 3600)
 # No retries: a failed training attempt resumes from its last checkpoint on the next run.
 train_task = task(train, name="train", cache_policy=stage_cache("runs"), persist_result=True, log_prints=True)
 evaluate_task = task(

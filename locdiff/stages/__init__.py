@@ -9,6 +9,7 @@ Each module owns its artifact's key, build and load:
 | ``targets``          | targets.py    | SHDD codes per embedding part, same rows                      |
 | ``anchors``          | anchors.py    | anchor coordinates (uniform / data / land)                    |
 | ``runs``             | runs.py       | checkpoints, curves                                           |
+| ``retrieval``        | retrieval.py  | gallery index: normalised train embeddings + coordinates      |
 | ``eval``             | evals.py      | predictions, metrics                                          |
 | ``reports``          | reports.py    | report.md, figures, metrics.json                              |
 | ``aliases``          | aliases.py    | one model-name change (tag/untag of a run)                    |
@@ -30,8 +31,9 @@ VERSIONS = {
     "targets": "2",
     "anchors": "2",
     "runs": "2",
-    "eval": "2",
-    "reports": "3",  # 3: metrics rows carry geoscore
+    "retrieval": "1",
+    "eval": "3",
+    "reports": "3",  # 3: metrics rows carry geoscore and radius coverage
     "aliases": "1",
 }
 STAGES = tuple(VERSIONS)

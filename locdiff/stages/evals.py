@@ -1,10 +1,14 @@
 """Evaluations: predict a split of an embeddings artifact with a trained run, plus baselines.
 
-Writes ``eval/<run name>/<dataset>/<hash>`` (upstream: the run, the embeddings, and the anchor set the
-run's decoder searches) with ``predictions.parquet`` (one row per method and image:
-true and predicted lat/lon, distance, score, top-k modes with their mass) and ``metrics.parquet`` (one
-row per method: accuracy at 1/25/200/750/2500 km, median/mean km, GeoScore, n); the manifest carries the
-metrics too.
+Writes ``eval/<run name>/<dataset>/<hash>`` (upstream: the run, the embeddings, the anchor set the
+run's decoder searches and, when given, the retrieval index) with ``predictions.parquet`` (one row per
+method and image: true and predicted lat/lon, distance, score, top-k modes with their mass, LocDiff's
+50 %/90 % credible radii) and ``metrics.parquet`` (one row per method: accuracy at 1/25/200/750/2500 km,
+median/mean km, GeoScore, n; LocDiff's row adds the coverage of its credible radii, raw and calibrated on
+the run's ``val`` split); the manifest carries the metrics too.
+
+Methods side by side: ``locdiff``; with a retrieval index ``locdiff-h`` (LocDiff-H) and ``retrieval-1nn``
+(the nearest gallery image's location); the baselines (default ``most-common-region``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def _predictions_schema():
             for c in ("true_lat", "true_lon", "pred_lat", "pred_lon", "distance_km", "score")
         ]
         + [("modes_lat", modes), ("modes_lon", modes), ("modes_mass", modes)]
+        + [("radius50_km", pa.float64()), ("radius90_km", pa.float64())]
     )
 
 
@@ -58,6 +63,19 @@ def _baseline_predictions(kind: str, store, train_emb_key: str, emb: np.ndarray)
     return {"pred_lat": lat.double().numpy(), "pred_lon": lon.double().numpy(), "score": np.ones(len(emb))}
 
 
+def fit_radius_scales(dist_km: np.ndarray, radii_km: np.ndarray, levels=(0.5, 0.9)) -> list[float]:
+    """Calibration factors s_q such that a fraction q of ``dist <= s_q * radius_q`` on these (validation)
+    predictions: the q-quantile of dist / radius_q, per level (``radii_km`` ``[N, len(levels)]``)."""
+    r = np.maximum(np.asarray(radii_km, dtype=np.float64), 1e-6)
+    d = np.asarray(dist_km, dtype=np.float64)[:, None]
+    return [float(np.quantile(d[:, 0] / r[:, i], q)) for i, q in enumerate(levels)]
+
+
+def coverage(dist_km: np.ndarray, radius_km: np.ndarray) -> float:
+    """Fraction of truths inside the radius."""
+    return float(np.mean(np.asarray(dist_km) <= np.asarray(radius_km)))
+
+
 def evaluate_run(
     store: Store,
     run_key: str,
@@ -68,8 +86,12 @@ def evaluate_run(
     baselines: list[str] | tuple[str, ...] = BASELINES,
     seed: int = 0,
     progress: Callable[[float, float], None] | None = None,
+    retrieval_key: str | None = None,
 ) -> str:
-    """Evaluate a committed run on one split (None: every row) of an embeddings artifact; returns the key."""
+    """Evaluate a committed run on one split (None: every row) of an embeddings artifact; returns the key.
+
+    ``retrieval_key``: a retrieval index (``locdiff.stages.retrieval``) built from the run's training
+    split: adds the ``locdiff-h`` and ``retrieval-1nn`` methods."""
     from locdiff.stages.embeddings import load_embeddings
     from locdiff.stages.runs import load_predictor, predict_embeddings
 
@@ -81,24 +103,72 @@ def evaluate_run(
     run_name = run_man.get("run_name") or Key.parse(run_key).name
     cfg = {"split": split, "dataset": dataset, "baselines": list(baselines), "seed": seed}
     decoder_anchors = (run_man.get("anchors") or {}).get("uniform")
-    upstream = [run_key, embeddings_key, *([decoder_anchors] if decoder_anchors else [])]
+    upstream = [
+        run_key,
+        embeddings_key,
+        *([decoder_anchors] if decoder_anchors else []),
+        *([retrieval_key] if retrieval_key else []),
+    ]
 
     def build(w) -> None:
+        from locdiff.stages.retrieval import load_index
+
         ids, emb_t, lat_t, lon_t = load_embeddings(store, embeddings_key, split)
         emb, lat, lon = emb_t.numpy(), lat_t.numpy(), lon_t.numpy()
         predictor = load_predictor(store, run_key)
-        methods: dict[str, dict[str, np.ndarray]] = {
-            "locdiff": predict_embeddings(predictor, emb, seed, progress)
-        }
+        index = load_index(store, retrieval_key) if retrieval_key else None
+        out = predict_embeddings(predictor, emb, seed, progress, retrieval=index)
+        methods: dict[str, dict[str, np.ndarray]] = {"locdiff": out}
+        if index is not None:
+            ones = np.ones(len(emb))
+            methods["locdiff-h"] = {
+                "pred_lat": out["hybrid_lat"],
+                "pred_lon": out["hybrid_lon"],
+                "score": ones,
+            }
+            methods["retrieval-1nn"] = {
+                "pred_lat": out["nn_lat"],
+                "pred_lon": out["nn_lon"],
+                "score": out["nn_sim"],
+            }
         train_emb_key = run_man.get("embeddings") or embeddings_key
         for kind in baselines:
             methods[kind] = _baseline_predictions(kind, store, train_emb_key, emb)
-        _write(w, run_key, dataset, split, ids, lat, lon, methods)
+        calib = _val_calibration(store, predictor, train_emb_key, seed)
+        _write(w, run_key, dataset, split, ids, lat, lon, methods, calib)
 
     return get_or_build(store, STAGE, f"{run_name}/{dataset}", cfg, upstream, build)
 
 
-def _write(w, run_key, dataset, split, ids, lat, lon, methods) -> None:
+def _val_calibration(store: Store, predictor, train_emb_key: str, seed: int) -> dict | None:
+    """Radius scales fitted on the run's ``val`` split (None when it has none): LocDiff's predictions
+    there, then :func:`fit_radius_scales` on the raw radii (the config's own scales divided out)."""
+    from locdiff.stages.embeddings import load_embeddings
+    from locdiff.stages.runs import predict_embeddings
+    from locdiff_core.sphere import haversine_km
+
+    try:
+        _, emb, lat, lon = load_embeddings(store, train_emb_key, "val")
+    except LookupError:
+        return None
+    import torch
+
+    inf = predictor.config.infer
+    out = predict_embeddings(predictor, emb.numpy(), seed + 1)
+    d = haversine_km(lat, lon, torch.from_numpy(out["pred_lat"]), torch.from_numpy(out["pred_lon"])).numpy()
+    raw = np.stack([out["radius50_km"] / inf.radius50_scale, out["radius90_km"] / inf.radius90_scale], 1)
+    s50, s90 = fit_radius_scales(d, raw)
+    return {
+        "radius50_scale": s50,
+        "radius90_scale": s90,
+        "val_n": len(d),
+        "val_coverage50_raw": coverage(d, raw[:, 0]),
+        "val_coverage90_raw": coverage(d, raw[:, 1]),
+        "config_scales": [inf.radius50_scale, inf.radius90_scale],
+    }
+
+
+def _write(w, run_key, dataset, split, ids, lat, lon, methods, calib=None) -> None:
     import pyarrow as pa
     import torch
 
@@ -115,6 +185,16 @@ def _write(w, run_key, dataset, split, ids, lat, lon, methods) -> None:
             k: (float(v) if not isinstance(v, int) else v)
             for k, v in geolocation_metrics(t_lat, t_lon, p_lat, p_lon).items()
         }
+        if "radius50_km" in out:
+            r50, r90 = np.asarray(out["radius50_km"]), np.asarray(out["radius90_km"])
+            m.update(coverage50=coverage(dist, r50), coverage90=coverage(dist, r90))
+            m.update(radius50_median_km=float(np.median(r50)), radius90_median_km=float(np.median(r90)))
+            if calib:
+                c50, c90 = calib["config_scales"]
+                m.update(
+                    coverage50_cal=coverage(dist, r50 / c50 * calib["radius50_scale"]),
+                    coverage90_cal=coverage(dist, r90 / c90 * calib["radius90_scale"]),
+                )
         metric_rows.append({"run": run_key, "dataset": dataset, "split": split or "", "method": method, **m})
         cols = {
             "method": [method] * len(ids),
@@ -134,8 +214,13 @@ def _write(w, run_key, dataset, split, ids, lat, lon, methods) -> None:
             cols["modes_lat"] = [[] for _ in ids]
             cols["modes_lon"] = [[] for _ in ids]
             cols["modes_mass"] = [[] for _ in ids]
+        for c in ("radius50_km", "radius90_km"):
+            cols[c] = np.asarray(out[c], dtype=np.float64) if c in out else [None] * len(ids)
         pred_tables.append(pa.table(cols, schema=PREDICTIONS_SCHEMA))
 
     w.write_table("predictions.parquet", pa.concat_tables(pred_tables))
     w.write_table("metrics.parquet", pa.Table.from_pylist(metric_rows))
-    w.set(metrics={r["method"]: {k: v for k, v in r.items() if k not in ("run",)} for r in metric_rows})
+    w.set(
+        metrics={r["method"]: {k: v for k, v in r.items() if k not in ("run",)} for r in metric_rows},
+        calibration=calib,
+    )

@@ -1,8 +1,9 @@
 """Reports: the metrics table and markdown report (map, error CDF) of evaluations, in the store.
 
 ``reports/<title>/<hash>`` (upstream: the evaluations) holds report.md, map-<dataset>.png,
-cdf-<dataset>.png and metrics.json. Publishing them as Prefect artifacts is the flow layer's job
-(``locdiff.flows.tasks``); this module returns what it needs.
+cdf-<dataset>.png, reliability-<dataset>.png (coverage of LocDiff's credible radii) and metrics.json.
+Publishing them as Prefect artifacts is the flow layer's job (``locdiff.flows.tasks``); this module
+returns what it needs.
 """
 
 from __future__ import annotations
@@ -62,6 +63,18 @@ def build_report(
             f"Error-distance CDF on {dataset}",
             rp.error_cdf_png(dists, title=f"{dataset}: fraction of images within distance"),
         )
+        loc = metrics.get("locdiff", {})
+        if loc.get("coverage50") is not None:
+            series = {"raw": [(50.0, 100 * loc["coverage50"]), (90.0, 100 * loc["coverage90"])]}
+            if loc.get("coverage50_cal") is not None:
+                series["calibrated on val"] = [
+                    (50.0, 100 * loc["coverage50_cal"]),
+                    (90.0, 100 * loc["coverage90_cal"]),
+                ]
+            figures[f"reliability-{dataset}.png"] = (
+                f"Credible-radius reliability on {dataset}",
+                rp.reliability_png(series, title=f"{dataset}: LocDiff credible radii"),
+            )
 
     cfg = {"title": title, "notes": notes}
 

@@ -113,29 +113,92 @@ def load_predictor(store: Store, run_key: str, device: str | None = None):
     return predictor
 
 
-def predict_embeddings(predictor, emb: np.ndarray, seed: int = 0, progress=None) -> dict[str, np.ndarray]:
+def predict_embeddings(
+    predictor, emb: np.ndarray, seed: int = 0, progress=None, retrieval=None
+) -> dict[str, np.ndarray]:
     """Predict image embeddings ``[N, E]`` in chunks of ``infer.batch_size``: per image the point
-    estimate (``pred_lat``, ``pred_lon``, ``score``) and the top-k modes (``modes_lat``/``_lon``/``_mass``
-    ``[N, k]``) of the predicted distribution. Evaluation, ``locdiff predict`` and serving all use this."""
+    estimate (``pred_lat``, ``pred_lon``, ``score``), the top-k modes (``modes_lat``/``_lon``/``_mass``
+    ``[N, k]``) of the predicted distribution and its 50 %/90 % credible radii (``radius50_km``,
+    ``radius90_km``: quantiles of the K samples' distances to the point estimate, times
+    ``infer.radius50_scale``/``radius90_scale``). With a ``retrieval`` index
+    (``locdiff.stages.retrieval.RetrievalIndex``) also LocDiff-H (``hybrid_lat``, ``hybrid_lon``,
+    ``hybrid_from_gallery``) and the nearest gallery image (``nn_lat``, ``nn_lon``, ``nn_sim``).
+    Evaluation, ``locdiff predict`` and serving all use this."""
     import torch
 
+    inf = predictor.config.infer
     gen = torch.Generator().manual_seed(seed)
-    chunk = max(1, predictor.config.infer.batch_size)
+    chunk = max(1, inf.batch_size)
     outs = []
-    emb_t = torch.from_numpy(emb)
+    emb_t = torch.from_numpy(np.ascontiguousarray(emb))
     for i in range(0, len(emb), chunk):
-        outs.append(predictor.predict(emb_t[i : i + chunk], generator=gen))
+        outs.append(predictor.predict(emb_t[i : i + chunk], generator=gen, with_samples=True))
         if progress:
             progress(min(i + chunk, len(emb)), len(emb))
-    cat = lambda name: torch.cat([getattr(o, name).detach().cpu() for o in outs]).numpy()  # noqa: E731
-    return {
+    cat = lambda name: torch.cat([getattr(o.decoded, name).detach().cpu() for o in outs]).numpy()  # noqa: E731
+    radii = torch.cat([o.radii_km((0.5, 0.9), (inf.radius50_scale, inf.radius90_scale)) for o in outs])
+    out = {
         "pred_lat": cat("lat_deg"),
         "pred_lon": cat("lon_deg"),
         "score": cat("score"),
         "modes_lat": cat("modes_lat_deg"),
         "modes_lon": cat("modes_lon_deg"),
         "modes_mass": cat("modes_mass"),
+        "radius50_km": radii[:, 0].numpy(),
+        "radius90_km": radii[:, 1].numpy(),
     }
+    if retrieval is not None:
+        from locdiff_core.hybrid import hybrid_from_neighbours
+
+        sim, idx = retrieval.search(emb, inf.hybrid_candidates)  # [N, C], best first
+        nb_lat, nb_lon = retrieval.lat_deg[idx], retrieval.lon_deg[idx]  # [N, C]
+        m = inf.hybrid_modes
+        h = hybrid_from_neighbours(
+            torch.from_numpy(out["pred_lat"]).double(),
+            torch.from_numpy(out["pred_lon"]).double(),
+            torch.from_numpy(out["modes_lat"][:, :m]).double(),
+            torch.from_numpy(out["modes_lon"][:, :m]).double(),
+            sim,
+            nb_lat,
+            nb_lon,
+            radius_km=inf.hybrid_radius_km,
+            rule=inf.hybrid_rule,
+        )
+        if inf.hybrid_scorer == "geoclip":
+            h = _geoclip_hybrid(predictor, emb_t, out, m, inf.hybrid_radius_km)
+        out.update(
+            hybrid_lat=h.lat_deg.numpy(),
+            hybrid_lon=h.lon_deg.numpy(),
+            hybrid_from_gallery=h.from_gallery.numpy(),
+            nn_lat=nb_lat[:, 0].numpy(),
+            nn_lon=nb_lon[:, 0].numpy(),
+            nn_sim=sim[:, 0].double().numpy(),
+        )
+    return out
+
+
+def _geoclip_hybrid(predictor, emb_t, out: dict, n_modes: int, radius_km: float):
+    """LocDiff-H scored by GeoCLIP (its image head + location encoder over its 100 K gallery)."""
+    import torch
+
+    from locdiff.geoclip_scorer import GEOCLIP_IMAGE_DIM, GeoCLIPScorer
+    from locdiff_core.hybrid import hybrid_modes_with_scorer
+
+    if predictor.embed_dim != GEOCLIP_IMAGE_DIM:
+        raise UserError(
+            f"infer.hybrid_scorer='geoclip' needs CLIP ViT-L/14 features (768-d); this run takes "
+            f"{predictor.embed_dim}-d embeddings",
+            "use infer.hybrid_scorer='similarity' (the run's own training gallery)",
+        )
+    return hybrid_modes_with_scorer(
+        emb_t.float(),
+        torch.from_numpy(out["pred_lat"]).double(),
+        torch.from_numpy(out["pred_lon"]).double(),
+        torch.from_numpy(out["modes_lat"][:, :n_modes]).double(),
+        torch.from_numpy(out["modes_lon"][:, :n_modes]).double(),
+        GeoCLIPScorer(),
+        radius_km=radius_km,
+    )
 
 
 def _latest_part(store: Store, writer, key: str, max_steps: int, every: int) -> tuple[int, dict] | None:

@@ -9,6 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 METHOD_ROWS = {
     "locdiff": "locdiff",
+    "locdiff-h": "locdiff-h",
     "regression": "regression",
     "classification": "classification",
     "retrieval": "retrieval",
@@ -26,7 +27,8 @@ def _load_run():
 
 def _tiny_config(tmp_path) -> dict:
     rows = [{"name": n, "method": m} for n, m in METHOD_ROWS.items()]
-    rows[4]["retrieval"] = {"k": 3, "radius_km": 500.0}
+    rows[5]["retrieval"] = {"k": 3, "radius_km": 500.0}
+    rows[1]["config"] = {"infer": {"hybrid_radius_km": 500.0, "hybrid_candidates": 16}}
     rows.append(
         {
             "name": "ablation-K1",
@@ -46,6 +48,7 @@ def _tiny_config(tmp_path) -> dict:
             "seed": 0,
             "embed_dim": 1280,
             "eval_splits": ["test", "test_random", "test_uniform"],
+            "extra_splits": ["val"],
         },
         "budget": {
             "preset": "tiny",
@@ -78,6 +81,13 @@ def test_method_benchmark_end_to_end(tmp_path):
             assert 0.0 <= m["median_km"] <= math.pi * 6371.0088 + 1e-6
             assert 0.0 < m["geoscore"] <= 5000.0
             assert m["n"] == r["sizes"][split] > 0
+    # LocDiff's rows carry the coverage of its credible radii, raw and calibrated on `val`
+    for r in results:
+        if r["method"] == "locdiff":
+            assert len(r["radius_scales_val"]) == 2 and min(r["radius_scales_val"]) >= 0
+            for m in r["splits"].values():
+                assert 0 <= m["coverage50"] <= m["coverage90"] <= 1
+                assert 0 <= m["coverage50_cal"] <= 1 and 0 <= m["coverage90_cal"] <= 1
     # the trivial predictor answers one place for every image; seeds do not change it
     mc = [r for r in results if r["row"] == "most-common"]
     assert mc[0]["splits"]["test"] == {
@@ -89,13 +99,15 @@ def test_method_benchmark_end_to_end(tmp_path):
     for name in [*METHOD_ROWS, "ablation-K1"]:
         assert f"| {name} |" in table
     assert table.count("### main:") == 3 and table.count("### ablation:") == 1  # only its own split
+    assert "### credible radii" in table
 
     # a rerun reuses every cached row (same keys, same figures) and the trained LocDiff models
     cached = sorted((tmp_path / "cache" / "results").glob("*.json"))
     assert len(cached) == len(results)
     again = run.run_benchmark(cfg, log=lambda m: None)
     assert [(r["key"], r["splits"]) for r in again] == [(r["key"], r["splits"]) for r in results]
-    assert len(list((tmp_path / "cache" / "models").glob("*.pt"))) == 2  # seeds 0, 1; K1 reuses seed 0
+    # seeds 0, 1; K1 and LocDiff-H reuse the LocDiff model of their seed
+    assert len(list((tmp_path / "cache" / "models").glob("*.pt"))) == 2
 
 
 def test_config_rejects_unknown_method(tmp_path):

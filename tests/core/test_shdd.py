@@ -88,8 +88,9 @@ def test_decoder_reaches_dense_search_precision(coarse):
     best_val, best = vals.max(1)
     anchors = None if coarse == "regular" else AnchorGrid.fibonacci(3_000, 16)
     d = s.decode(codes, anchors=anchors)
-    dist = haversine_km(dense.lat_deg[best].double(), dense.lon_deg[best].double(), d.lat_deg.double(),
-                        d.lon_deg.double())
+    dist = haversine_km(
+        dense.lat_deg[best].double(), dense.lon_deg[best].double(), d.lat_deg.double(), d.lon_deg.double()
+    )
     assert dist.median() <= dense.spacing_km
     assert dist.quantile(0.99) <= 2 * dense.spacing_km
     f = d.score.double() * s.peak

@@ -95,7 +95,7 @@ def test_train_deployment_resumes_after_worker_kill_and_publishes(local_stack, t
     )
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
-    assert [r["method"] for r in rows] == ["locdiff", "most-common-region"]
+    assert [r["method"] for r in rows] == ["locdiff", "locdiff-h", "most-common-region", "retrieval-1nn"]
     assert rows[0]["n"] > 0
 
     # the metrics table artifact exists in the server's API

@@ -82,7 +82,11 @@ def test_stdout_and_map(tmp_path, tiny_store):
     Image.new("1", (12000, 8000)).save(big)  # 96 M pixels: above PIL's limit, refused from the header
     code, out, err = cli("predict", str(img), str(big), "--map", str(tmp_path / "m.png"), store=tiny_store)
     assert code == 0, err
-    assert "x.jpg:" in out and "mode 1:" in out and "huge.png: error: decompression bomb (12000x8000 pixels" in out
+    assert (
+        "x.jpg:" in out
+        and "mode 1:" in out
+        and "huge.png: error: decompression bomb (12000x8000 pixels" in out
+    )
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
 
 

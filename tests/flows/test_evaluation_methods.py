@@ -1,0 +1,94 @@
+"""Evaluation with a retrieval index: LocDiff, LocDiff-H, retrieval 1-NN and most-common-region side by
+side (metrics rows, catalog, report with GeoScore), credible radii with their coverage (raw and
+calibrated on `val`), and the index in the evaluation's lineage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from locdiff.flows.tasks import evaluate_task, report_task, retrieval_task, train_task
+from locdiff.storage import Store
+from tests.flows.conftest import run_inputs, tiny_config
+
+TINY = tiny_config(max_steps=40, log_every=20)
+METHODS = ["locdiff", "locdiff-h", "most-common-region", "retrieval-1nn"]
+
+
+@pytest.fixture(scope="module")
+def run_key(store_uri, embeddings_key):
+    return train_task.fn(store_uri, embeddings_key, TINY, **run_inputs(store_uri, embeddings_key, TINY))
+
+
+def test_retrieval_index_is_the_normalised_training_split(store_uri, embeddings_key):
+    from locdiff.stages.embeddings import load_embeddings
+    from locdiff.stages.retrieval import load_index
+
+    store = Store.from_uri(store_uri)
+    key = retrieval_task.fn(store_uri, embeddings_key)
+    assert retrieval_task.fn(store_uri, embeddings_key) == key  # content-addressed: reused
+    assert store.manifest(key)["upstream"] == [embeddings_key]
+    index = load_index(store, key)
+    _, emb, lat, _ = load_embeddings(store, embeddings_key, "train")
+    assert len(index) == len(lat) and np.allclose(index.lat_deg.numpy(), lat.numpy())
+    assert np.allclose(index.emb.float().norm(dim=1).numpy(), 1.0, atol=1e-3)
+    # a training image finds itself first
+    sim, idx = index.search(emb[:5].numpy(), 3)
+    assert idx[:, 0].tolist() == list(range(5)) and (sim[:, 0] > 0.99).all()
+
+
+def test_methods_side_by_side_with_credible_radii(store_uri, embeddings_key, run_key):
+    from locdiff.catalog import connect
+
+    store = Store.from_uri(store_uri)
+    index_key = retrieval_task.fn(store_uri, embeddings_key)
+    eval_key = evaluate_task.fn(
+        store_uri, run_key, embeddings_key, "test", "synthetic", ["most-common-region"], index_key
+    )
+    man = store.manifest(eval_key)
+    assert index_key in man["upstream"]  # lineage: the evaluation rests on the index
+    metrics = man["metrics"]
+    assert sorted(metrics) == METHODS
+    loc = metrics["locdiff"]
+    assert 0 <= loc["coverage50"] <= loc["coverage90"] <= 1
+    assert 0 <= loc["coverage50_cal"] <= loc["coverage90_cal"] <= 1
+    cal = man["calibration"]
+    assert cal["radius50_scale"] > 0 and cal["radius90_scale"] > 0 and cal["val_n"] == 64
+
+    con = connect(store)
+    rows = con.execute(
+        "SELECT method, geoscore, acc_25km, median_km FROM metrics WHERE key = ? ORDER BY method", [eval_key]
+    ).fetchall()
+    assert [r[0] for r in rows] == METHODS and all(r[1] is not None for r in rows)
+    r50, r90, d = (
+        con.execute(
+            "SELECT radius50_km, radius90_km, distance_km FROM predictions "
+            "WHERE key = ? AND method = 'locdiff'",
+            [eval_key],
+        )
+        .fetchnumpy()
+        .values()
+    )
+    assert len(r50) == 64 and (r50 <= r90).all() and (r50 >= 0).all()
+    assert loc["coverage90"] == pytest.approx(float(np.mean(d <= r90)))
+    # LocDiff-H answers are either LocDiff's own or a training image's location
+    h = con.execute(
+        "SELECT h.pred_lat, l.pred_lat FROM predictions h JOIN predictions l USING (key, image_id) "
+        "WHERE h.key = ? AND h.method = 'locdiff-h' AND l.method = 'locdiff'",
+        [eval_key],
+    ).fetchall()
+    train_lats = set(
+        np.round(con.execute("SELECT lat FROM embeddings WHERE split = 'train'").fetchnumpy()["lat"], 9)
+    )
+    assert all(a == b or round(a, 9) in train_lats for a, b in h)
+
+    out = report_task.fn(store_uri, [eval_key], "methods report", [])
+    assert "reliability-synthetic.png" in store.files(out["key"])
+    md = store.open(out["key"], "report.md").read().decode()
+    assert "GeoScore" in md and "| synthetic | locdiff-h |" in md and "calibrated" in md
+    assert [r["method"] for r in out["rows"]][:4] == [
+        "locdiff",
+        "locdiff-h",
+        "retrieval-1nn",
+        "most-common-region",
+    ]
