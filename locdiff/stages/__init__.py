@@ -25,8 +25,8 @@ from locdiff.storage import ArtifactWriter, Store
 
 VERSIONS = {
     "datasets": "1",
-    "embeddings": "1",
-    "targets": "2",
+    "embeddings": "2",
+    "targets": "3",
     "anchors": "2",
     "runs": "2",
     "eval": "2",
