@@ -59,7 +59,7 @@ class PartedGeo:
         rows: np.ndarray | None = None,
         *,
         release: Callable[[], None] | None = None,
-        release_every: int = 8,
+        release_every: int = 1,
     ) -> None:
         self.parts = list(parts)
         if not self.parts:
@@ -157,7 +157,7 @@ class PartedGeo:
             g["emb"], g["lat_deg"].to(torch.float64), g["lon_deg"].to(torch.float64), g.get("codes")
         )
 
-    def validate(self, chunk_rows: int = 1 << 16) -> None:
+    def validate(self, chunk_rows: int = 1 << 14) -> None:
         """Refuse NaN/inf embeddings and out-of-range coordinates, reading the selection in chunks."""
         for s in range(0, len(self), chunk_rows):
             idx = torch.arange(s, min(len(self), s + chunk_rows))
@@ -172,8 +172,8 @@ class PartedGeo:
             if bad.numel():
                 i = int(bad[0, 0])
                 raise ValueError(f"row {s + i}: lat={float(lat[i])}, lon={float(lon[i])} out of range")
-        if self.release is not None:
-            self.release()
+            if self.release is not None:
+                self.release()  # a full scan: drop each chunk's pages before the next
 
     # ---- the device-resident copy
     def nbytes(self) -> int:
@@ -184,7 +184,7 @@ class PartedGeo:
             row += p.codes.shape[1] * _as_tensor(p.codes[:1]).element_size()
         return int(row) * len(self)
 
-    def to_device(self, device, chunk_rows: int = 1 << 16) -> PartedGeo:
+    def to_device(self, device, chunk_rows: int = 1 << 14) -> PartedGeo:
         """The selected rows as one part on ``device``, copied chunk by chunk (no full host copy)."""
         device = torch.device(device)
         first = self.gather(torch.arange(1), ("emb", "lat_deg", "lon_deg", "codes"))
@@ -195,8 +195,8 @@ class PartedGeo:
             idx = torch.arange(s, min(len(self), s + chunk_rows))
             for k, v in self.gather(idx, tuple(dst)).items():
                 dst[k][s : s + len(idx)] = v.to(device)
-        if self.release is not None:
-            self.release()
+            if self.release is not None:
+                self.release()
         return PartedGeo([GeoPart(dst["emb"], dst["lat_deg"], dst["lon_deg"], dst.get("codes"))])
 
 

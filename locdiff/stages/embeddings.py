@@ -329,7 +329,15 @@ def _shard_relpaths(index: int) -> list[str]:
 
 
 def write_arrays(w: ArtifactWriter, index: int, columns: dict[str, np.ndarray]) -> None:
-    """Write and commit one part's ``.npy`` arrays (``emb``, ``lat``, ``lon``, or ``code``)."""
+    """Write and commit one part's ``.npy`` arrays (``emb``, ``lat``, ``lon``, or ``code``).
+
+    Rows are checked here, once (finite embeddings, coordinates in range), so that readers can map the
+    arrays without scanning them."""
+    emb, lat, lon = columns.get("emb"), columns.get("lat"), columns.get("lon")
+    if emb is not None and len(emb) and not np.isfinite(emb).all():
+        raise ValueError(f"part {index}: the encoder produced NaN/inf embeddings")
+    if lat is not None and len(lat) and (np.abs(lat).max() > 90 or np.abs(lon).max() > 180):
+        raise ValueError(f"part {index}: coordinates out of range")
     for name, arr in columns.items():
         rel = array_relpath(index, name)
         with w.open(rel, "wb") as f:
@@ -524,7 +532,7 @@ def open_embeddings(
     key: str,
     split: str | list[str] | None = None,
     targets_key: str | None = None,
-    release_every: int = 8,
+    release_every: int = 1,
 ):
     """The rows of ``split`` (or all) as a memory-mapped ``locdiff_core.data.PartedGeo``, with the
     target cache's codes when ``targets_key`` is given. Only the ``split`` column of each Parquet
@@ -590,9 +598,10 @@ def synthetic_rows(n: int, dim: int, seed: int, start: int = 0) -> dict[str, np.
     lon = (lon + 180) % 360 - 180
     la, lo = np.radians(lat), np.radians(lon)
     xyz = np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], 1)
-    z = xyz @ proj  # [n, dim - dim//2]
-    feats = np.concatenate([np.sin(z), np.cos(z)[:, : dim // 2]], 1)
-    emb = (feats + rng.normal(0, 0.05, feats.shape)).astype(np.float16)
+    z = (xyz @ proj).astype(np.float32)  # [n, dim - dim//2]
+    feats = np.concatenate([np.sin(z), np.cos(z)[:, : dim // 2]], 1)  # float32: bounded memory per part
+    feats += 0.05 * rng.standard_normal(feats.shape, dtype=np.float32)
+    emb = feats.astype(np.float16)
     split = np.full(n, "train", dtype=object)
     perm = rng.permutation(n)  # exactly 10 % val and 10 % test in every part
     split[perm[: n // 10]] = "val"

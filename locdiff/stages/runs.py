@@ -65,9 +65,7 @@ def load_geo(store: Store, embeddings_key: str, split: str, targets_key: str | N
     from locdiff.stages.embeddings import has_arrays, open_embeddings
 
     if has_arrays(store, embeddings_key):
-        data = open_embeddings(store, embeddings_key, split, targets_key)
-        data.validate()
-        return data
+        return open_embeddings(store, embeddings_key, split, targets_key)  # rows checked when written
     return _load_geo_in_memory(store, embeddings_key, split, targets_key)
 
 

@@ -81,3 +81,19 @@ def test_device_resident_copy_and_in_memory_load_train_identically(synth):
     for other in runs[1:]:
         for name, w in runs[0]["model"].items():
             assert torch.equal(w, other["model"][name]), name
+
+
+def test_synth_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from locdiff.cli import _mount, app
+
+    _mount()
+    out = CliRunner().invoke(
+        app, ["datasets", "synth", "cli", "--rows", "50", "--dim", "8", "--storage", str(tmp_path)]
+    )
+    assert out.exit_code == 0, out.output
+    key = out.output.strip().splitlines()[-1]
+    assert key.startswith("embeddings/cli/synthetic/")
+    man = Store.from_uri(str(tmp_path)).manifest(key)
+    assert man["rows"] == 50 and man["dim"] == 8 and man["synthetic"] is True
