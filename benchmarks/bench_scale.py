@@ -7,7 +7,9 @@ Prints, each beside its reference measured in the same run:
 1. Training data path at E = 768 float16 (synthetic embeddings, ``locdiff datasets synth``): for each row
    count, a fresh process opens the train split and trains the tiny model for ``--steps`` steps; peak
    RSS (``VmHWM``: anonymous *and* file-backed resident pages, so mapped pages count) and loader
-   throughput (random global batches of 1024 rows gathered across all parts, rows/s). Reference: the
+   throughput (random global batches of 1024 rows gathered across all parts, rows/s), with the arrays
+   dropped from the page cache first ("mmap-cold": a run on files written earlier) and just written
+   ("mmap": a hot cache holds them in large folios, and a fault maps a whole folio). Reference: the
    in-memory path (Parquet parts concatenated into one float32 table, what the trainer did before),
    run where free memory allows.
 2. DDP: seconds per step of the tiny preset with 2 gloo ranks (torchrun) vs 1 process, same global batch.
@@ -38,8 +40,14 @@ from locdiff.stages.runs import load_geo, _load_geo_in_memory, resolve_config
 from locdiff_core.data import BatchSampler, as_parted
 from locdiff_core.train import train
 store, key, mode, steps = Store.from_uri(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+if mode == "mmap-cold":  # drop the arrays from the page cache first: a run on files written earlier
+    import glob, os
+    for f in glob.glob(store.root + "/**/*.npy", recursive=True):
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
 t0 = time.perf_counter()
-data = load_geo(store, key, "train") if mode == "mmap" else _load_geo_in_memory(store, key, "train")
+data = load_geo(store, key, "train") if mode != "inmemory" else _load_geo_in_memory(store, key, "train")
 open_s = time.perf_counter() - t0
 parted = as_parted(data)
 sampler, gen = BatchSampler(len(parted), 1024), torch.Generator().manual_seed(0)
@@ -81,7 +89,9 @@ def _child(store_uri: str, key: str, mode: str, steps: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_data_path(tmp: str, rows_list: list[int], steps: int, modes=("mmap", "inmemory")) -> None:
+def bench_data_path(
+    tmp: str, rows_list: list[int], steps: int, modes=("mmap-cold", "mmap", "inmemory")
+) -> None:
     from locdiff.stages.embeddings import synth_embeddings
     from locdiff.storage import Store
 
@@ -134,16 +144,21 @@ def bench_ddp(tmp: str, steps: int) -> None:
     )
     inputs = run_inputs(store.url, key, cfg)
     secs = {}
-    for n in (1, 2):
-        run = launch_train(store.url, key, cfg, nproc=n, name=f"ddp{n}", **inputs)
+    threads = os.cpu_count() or 1
+    for n, omp in ((1, threads), (1, 1), (2, max(1, threads // 2))):
+        run = launch_train(
+            store.url, key, cfg, nproc=n, name=f"ddp{n}-t{omp}", env={"OMP_NUM_THREADS": str(omp)}, **inputs
+        )
         with store.open(run, "curves.json") as f:
             curves = json.loads(f.read())["train"][1:]  # skip the first window (start-up)
-        secs[n] = sum(256 / c["samples_per_s"] for c in curves) / len(curves)  # s per step
-    print(f"1 process : {secs[1] * 1e3:7.1f} ms/step")
-    print(
-        f"2 ranks   : {secs[2] * 1e3:7.1f} ms/step  ({secs[1] / secs[2]:.2f}x the 1-process rate; "
-        f"this machine has {os.cpu_count()} cores)"
-    )
+        secs[(n, omp)] = sum(256 / c["samples_per_s"] for c in curves) / len(curves)  # s per step
+    ref = secs[(1, threads)]
+    for (n, omp), t in secs.items():
+        print(
+            f"{n} process(es) x {omp} thread(s): {t * 1e3:7.1f} ms/step  ({ref / t:.2f}x the rate of "
+            f"1 process x {threads} threads)"
+        )
+    print(f"(this machine: {threads} cores, shared with other jobs while measured)")
 
 
 def bench_dask(tmp: str) -> None:
@@ -186,7 +201,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--ddp-steps", type=int, default=60)
     ap.add_argument("--only", choices=["data", "ddp", "dask"], nargs="+", default=["data", "ddp", "dask"])
-    ap.add_argument("--modes", nargs="+", default=["mmap", "inmemory"], choices=["mmap", "inmemory"])
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["mmap-cold", "mmap", "inmemory"],
+        choices=["mmap", "mmap-cold", "inmemory"],
+    )
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
