@@ -453,6 +453,8 @@ def load_embeddings(
     """
     dim = int(store.manifest(key)["dim"])
     splits = None if split is None else ({split} if isinstance(split, str) else set(split))
+    if has_arrays(store, key):
+        return _load_from_arrays(store, key, splits, dim)
     tables, present = [], set()
     for rel in embedding_parts(store, key):
         t = store.read_table(key, rel)
@@ -469,6 +471,43 @@ def load_embeddings(
     lat = torch.from_numpy(t["lat"].to_numpy().astype(np.float64))
     lon = torch.from_numpy(t["lon"].to_numpy().astype(np.float64))
     return t["image_id"].to_pylist(), emb, lat, lon
+
+
+def _load_from_arrays(store: Store, key: str, splits: set | None, dim: int):
+    """``load_embeddings`` from the mapped arrays: one float32 output, filled part by part (no Arrow
+    concatenation, no per-part float32 temporaries beyond one part's selected rows)."""
+    import pyarrow.compute as pc
+
+    parts = embedding_parts(store, key)
+    ids, masks, present = [], [], set()
+    for rel in parts:
+        t = store.read_table(key, rel, columns=["image_id", "split"])
+        if splits is None:
+            mask = None
+            ids.extend(t["image_id"].to_pylist())
+        else:
+            present.update(pc.unique(t["split"]).to_pylist())
+            m = pc.is_in(t["split"], value_set=pa.array(sorted(splits), pa.string()))
+            mask = m.to_numpy(zero_copy_only=False)
+            ids.extend(t.filter(m)["image_id"].to_pylist())
+        masks.append(mask)
+    if splits is not None and not ids:
+        raise LookupError(f"no embeddings of split(s) {sorted(splits)} in {key}; it has {sorted(present)}")
+    n = len(ids)
+    emb = torch.empty((n, dim), dtype=torch.float32)
+    lat = torch.empty(n, dtype=torch.float64)
+    lon = torch.empty(n, dtype=torch.float64)
+    maps, o = MappedArrays(store), 0
+    for rel, mask in zip(parts, masks, strict=True):
+        cols = {c: maps.open(key, _array_relpath_of(rel, c)) for c in ARRAY_COLUMNS}
+        sel = slice(None) if mask is None else mask
+        k = int(cols["lat"].shape[0] if mask is None else mask.sum())
+        emb[o : o + k] = torch.from_numpy(np.asarray(cols["emb"][sel], dtype=np.float32))
+        lat[o : o + k] = torch.from_numpy(np.asarray(cols["lat"][sel], dtype=np.float64))
+        lon[o : o + k] = torch.from_numpy(np.asarray(cols["lon"][sel], dtype=np.float64))
+        maps.release()
+        o += k
+    return ids, emb, lat, lon
 
 
 # --------------------------------------------------------------------------------------------- mapping
