@@ -34,6 +34,7 @@ from .checkpoint import (
     unpack_python_rng,
 )
 from .config import LocDiffConfig
+from .data import BatchSampler, PartedGeo, as_parted
 from .diffusion import NoiseSchedule
 from .sampling import predict_with
 from .shdd import SHDD
@@ -229,25 +230,42 @@ def _cpu_state_dict(module: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the initialised ``torch.distributed`` process group, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def train(
     config: LocDiffConfig,
-    train_data: GeoEmbeddings,
-    val_data: GeoEmbeddings | None = None,
+    train_data: GeoEmbeddings | PartedGeo,
+    val_data: GeoEmbeddings | PartedGeo | None = None,
     *,
     checkpoint_callback: Callable[[dict], None] | None = None,
     resume_from: dict | None = None,
     progress: Callable[[dict], None] | None = None,
     max_steps: int | None = None,
     anchor_pools: AnchorPools | None = None,
+    data_device: str | torch.device | None = None,
 ) -> TrainResult:
     """Train (or resume) LocDiff; stop at ``max_steps`` (absolute step) or ``config.train.max_steps``.
 
     x₀ comes from ``train_data.codes`` when it holds them (the target cache), else from encoding the
     coordinates. SHDD-KL anchors are drawn from ``anchor_pools`` (default: :meth:`AnchorPools.default`).
+    ``train_data`` may be a ``PartedGeo`` (memory-mapped parts, read a batch at a time); with
+    ``data_device`` its rows are first copied to that device and sampled there (same batches).
+
+    Under an initialised ``torch.distributed`` process group (torchrun) the model is wrapped in DDP:
+    every rank draws the same global batch and computes on its slice (``locdiff_core.data``),
+    gradients are averaged, and only rank 0 calls ``checkpoint_callback``, ``progress`` events other
+    than "train", and validation.
 
     ``max_steps`` stops early without changing the LR schedule (that is what lets k + (N−k) equal N).
     """
     tc = config.train
+    rank, world = _distributed()
     if train_data.embed_dim != config.embed_dim:
         raise ValueError(
             f"train_data embeddings are {train_data.embed_dim}-d but config.embed_dim={config.embed_dim}"
@@ -258,6 +276,9 @@ def train(
         )
     stop_at = tc.max_steps if max_steps is None else min(int(max_steps), tc.max_steps)
     device = resolve_device(tc.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # the launcher set LOCAL_RANK's device
+    sampler = BatchSampler(len(train_data), tc.batch_size, rank, world)
     use_bf16 = device.type == "cuda" and tc.amp in ("auto", "bf16")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -270,6 +291,11 @@ def train(
     gen = torch.Generator().manual_seed(tc.seed)
     model = build_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     decay_params = [p for n, p in model.named_parameters() if p.ndim >= 2]
     other_params = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -294,17 +320,18 @@ def train(
         curves = copy.deepcopy(resume_from.get("curves", curves))
         _set_rng_state(gen, resume_from["rng"])
 
-    if train_data.codes is not None and train_data.codes.shape[1] != config.dim:
+    data = as_parted(train_data)
+    if data.has_codes and data.code_dim != config.dim:
         raise ValueError(
-            f"train_data.codes have {train_data.codes.shape[1]} coordinates, L={config.max_degree} needs "
+            f"train_data.codes have {data.code_dim} coordinates, L={config.max_degree} needs "
             f"{config.dim}: the target cache was built for another max_degree"
         )
-    data_lat = train_data.lat_deg.to(torch.float64)
-    data_lon = train_data.lon_deg.to(torch.float64)
+    if data_device is not None:
+        data = data.to_device(data_device)
     if config.loss.kind != "mse" and anchor_pools is None:
         anchor_pools = AnchorPools.default(config, train_data)
     val_subset = None
-    if val_data is not None:
+    if val_data is not None and rank == 0:
         n_val = min(tc.eval_size, len(val_data))
         val_subset = val_data.subset(
             torch.randperm(len(val_data), generator=torch.Generator().manual_seed(1))[:n_val]
@@ -325,6 +352,7 @@ def train(
             },
             "rng": _rng_state(gen),
             "curves": copy.deepcopy(curves),
+            "world_size": world,
         }
 
     def evaluate() -> dict:
@@ -353,18 +381,20 @@ def train(
         lr = lr_at(step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        idx = torch.randint(0, len(train_data), (tc.batch_size,), generator=gen)  # [B]
-        lat, lon = data_lat[idx], data_lon[idx]  # [B]
-        emb = train_data.emb[idx].to(device=device, dtype=torch.float32)  # [B, E]
-        code = shdd.encode(lat, lon) if train_data.codes is None else train_data.codes[idx]  # [B, D]
-        x0 = (shdd.scale * code.to(torch.float64)).to(device=device, dtype=torch.float32)  # [B, D]
-        t = schedule.sample_timesteps(tc.batch_size, generator=gen)  # [B]
-        noise = torch.randn(x0.shape, generator=gen).to(device)  # [B, D]
-        drop = (torch.rand(tc.batch_size, generator=gen) < config.model.p_uncond).to(device)  # [B]
+        idx = sampler.draw(gen)  # [B] the global batch, the same on every rank
+        lat, lon = data.coords(idx)  # [B] (all ranks: near-target anchors follow the global batch)
+        mine = sampler.local(idx)  # [b] = [B / world] this rank's rows
+        rows = data.gather(mine, ("emb", "codes"))
+        emb = rows["emb"].to(device=device, dtype=torch.float32)  # [b, E]
+        code = rows["codes"] if data.has_codes else shdd.encode(sampler.local(lat), sampler.local(lon))
+        x0 = (shdd.scale * code.to(torch.float64)).to(device=device, dtype=torch.float32)  # [b, D]
+        t = sampler.local(schedule.sample_timesteps(tc.batch_size, generator=gen))  # [b]
+        noise = sampler.local(torch.randn((tc.batch_size, config.dim), generator=gen)).to(device)  # [b, D]
+        drop = sampler.local(torch.rand(tc.batch_size, generator=gen) < config.model.p_uncond).to(device)
         anchors = sample_anchors(config, lat, lon, anchor_pools, gen) if config.loss.kind != "mse" else None
-        x_t = schedule.add_noise(x0, noise, t.to(device))  # [B, D]
+        x_t = schedule.add_noise(x0, noise, t.to(device))  # [b, D]
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            pred = model(x_t, t.to(device), emb, drop)  # [B, D]
+            pred = net(x_t, t.to(device), emb, drop)  # [b, D]
         loss, parts = compute_loss(config, shdd, pred.float(), x0, anchors)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -384,6 +414,13 @@ def train(
 
         if tc.log_every and (step % tc.log_every == 0 or step == stop_at):
             elapsed = time.perf_counter() - t0
+            if world > 1:  # the mean over ranks of the per-rank means = the global batch's mean
+                red = torch.tensor([loss_acc, *parts.values()], dtype=torch.float64)
+                torch.distributed.all_reduce(red)
+                loss_acc, parts = (
+                    float(red[0]) / world,
+                    {k: float(v) / world for k, v in zip(parts, red[1:].tolist(), strict=True)},
+                )
             row = {"step": step, "loss": loss_acc / n_acc, "lr": lr, "grad_norm": grad_norm, **parts}
             row["samples_per_s"] = seen / max(elapsed, 1e-9)
             curves["train"].append(row)
@@ -395,10 +432,16 @@ def train(
             curves["val"].append({"step": step, **val_metrics})
             if progress:
                 progress({"event": "val", "step": step, **val_metrics})
-        if checkpoint_callback and tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < stop_at:
+        if (
+            rank == 0
+            and checkpoint_callback
+            and tc.checkpoint_every
+            and step % tc.checkpoint_every == 0
+            and step < stop_at
+        ):
             checkpoint_callback(make_checkpoint())
 
     final = make_checkpoint()
-    if checkpoint_callback:
+    if rank == 0 and checkpoint_callback:
         checkpoint_callback(final)
     return TrainResult(checkpoint=final, step=step, curves=curves, val_metrics=val_metrics)

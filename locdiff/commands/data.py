@@ -165,6 +165,23 @@ def _sql_error(exc: Exception) -> UserError:
     return UserError(f"SQL error: {text}", views)
 
 
+@datasets_app.command("synth")
+def synth(
+    name: str = typer.Argument(..., help="name of the synthetic set (key: embeddings/NAME/synthetic/<hash>)"),
+    rows: int = typer.Option(100_000, "--rows", min=1, help="number of rows"),
+    dim: int = typer.Option(768, "--dim", min=2, help="embedding width E (stored as float16)"),
+    seed: int = typer.Option(0, "--seed"),
+    part_rows: int = typer.Option(100_000, "--part-rows", min=1, help="rows per part"),
+    storage: str = typer.Option(None, "--storage", help=_STORAGE_HELP),
+) -> None:
+    """Write a SYNTHETIC embeddings artifact directly (no images): a smooth noisy function of the
+    location, for scale measurements and tests only, never for accuracy claims; prints its key."""
+    from locdiff.stages.embeddings import synth_embeddings
+
+    key = synth_embeddings(_store(storage), name, rows, dim, seed=seed, part_rows=part_rows)
+    print(key)
+
+
 def sql(
     query: str = typer.Argument(
         ..., help="SQL over the views: artifacts, datasets, embeddings, runs, curves, predictions, metrics"

@@ -172,9 +172,16 @@ def train_command(
         None, "--set", help='Config override KEY=JSON, e.g. train={"max_steps":100}.'
     ),
     eval_dataset: list[str] = typer.Option(None, "--eval", help="Benchmark to evaluate on (repeatable)."),
+    nproc: int = typer.Option(
+        None, "--nproc", help="Training processes under torchrun/DDP (default 1; at most the GPUs/cores)."
+    ),
 ) -> None:
     """Run the train-mp16 pipeline in this process (against the local stack when it is up)."""
+    from locdiff.ddp import NPROC_ENV, resolve_nproc
     from locdiff.flows.train_mp16 import train_mp16
+
+    if nproc is not None:  # checked now, before any stage runs; the train task reads it from the env
+        os.environ[NPROC_ENV] = str(resolve_nproc(nproc))
 
     out = _run_flow_in_process(
         train_mp16,

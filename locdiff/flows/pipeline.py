@@ -76,6 +76,8 @@ def run_pipeline(
     baselines: list[str] | None,
     refresh: bool,
     title: str,
+    nproc: int | None = None,
+    dask: str | None = None,
 ) -> dict:
     from locdiff.stages.datasets import splits
     from locdiff.stages.runs import anchor_roles, resolve_config
@@ -86,7 +88,9 @@ def run_pipeline(
     baselines = list(baselines or [])
 
     ds_key = prepare_flow(storage=storage, dataset=dataset, options=dataset_options or {})
-    emb_key = embed_flow(storage=storage, dataset_key=ds_key, encoder=encoder, options=encoder_options or {})
+    emb_key = embed_flow(
+        storage=storage, dataset_key=ds_key, encoder=encoder, options=encoder_options or {}, dask=dask
+    )
     store = Store.from_uri(storage)
     config = config.replace(embed_dim=int(store.manifest(emb_key)["dim"]))  # the data's width
     targets_key = None
@@ -106,6 +110,7 @@ def run_pipeline(
         name=f"{dataset.lower()}-{preset}",
         preset=preset,
         refresh=refresh,
+        nproc=nproc,
     )
 
     retrieval_key = retrieval_flow(storage=storage, embeddings_key=emb_key, split="train")

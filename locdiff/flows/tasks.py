@@ -156,6 +156,29 @@ def embed(storage: str | None, dataset_key: str, encoder: str, options: dict | N
     return key
 
 
+def embed_shards_todo(
+    storage: str | None, dataset_key: str, encoder: str, options: dict | None = None
+) -> list:
+    """The shard numbers of a dataset still to embed (for the Dask fan-out)."""
+    from locdiff.encoders import encoder_kwargs
+    from locdiff.stages.embeddings import shards_to_embed
+
+    return shards_to_embed(
+        Store.from_uri(storage), dataset_key, **encoder_kwargs(encoder), **dict(options or {})
+    )
+
+
+def embed_one_shard(
+    storage: str | None, dataset_key: str, shard: int, encoder: str, options: dict | None = None
+) -> int:
+    """Embed one shard and commit its part; returns its image count (runs on a Dask worker)."""
+    from locdiff.encoders import encoder_kwargs
+    from locdiff.stages.embeddings import embed_shard
+
+    opts = {k: v for k, v in dict(options or {}).items() if k != "num_workers"}
+    return embed_shard(Store.from_uri(storage), dataset_key, shard, **encoder_kwargs(encoder), **opts)
+
+
 def targets(storage: str | None, embeddings_key: str, max_degree: int) -> str:
     """The SHDD target cache of degree L for an embeddings artifact; returns the key."""
     from locdiff.stages.targets import build_targets
@@ -188,10 +211,29 @@ def train(
     name: str | None = None,
     preset: str | None = None,
     stop_after_steps: int | None = None,
+    nproc: int | None = None,
 ) -> str:
-    """Train (or resume, or reuse) a run; returns the run key."""
+    """Train (or resume, or reuse) a run; returns the run key.
+
+    ``nproc`` > 1 (default: ``$LOCDIFF_NPROC``, the work pools' job variable, else 1) runs it under
+    torchrun with that many DDP processes (``locdiff.ddp``)."""
+    from locdiff.ddp import launch_train, resolve_nproc
     from locdiff.stages.runs import train_run
 
+    nproc = resolve_nproc(nproc, config.train.device)
+    if nproc > 1:
+        return launch_train(
+            storage,
+            embeddings_key,
+            config,
+            nproc=nproc,
+            targets_key=targets_key,
+            anchors=anchors,
+            name=name,
+            preset=preset,
+            stop_after_steps=stop_after_steps,
+            log=_logger(),
+        )
     bar = Progress("train", f"training {name or preset or ''}".strip())
     key = train_run(
         Store.from_uri(storage),
@@ -281,6 +323,17 @@ def _publish(title: str, out: dict) -> None:
 prepare_task = io_task(prepare, "datasets", timeout_seconds=48 * 3600, name="prepare-dataset")
 # embedding resumes at shard granularity, so a retry redoes little
 embed_task = io_task(embed, "embeddings", timeout_seconds=48 * 3600, name="embed")
+# the Dask fan-out: not cached by Prefect (the store's part markers say what is done); a retry, or
+# Dask re-running the task of a lost worker, redoes one shard at most
+embed_todo_task = task(embed_shards_todo, name="embed-plan", cache_policy=NO_CACHE)
+embed_shard_task = task(
+    embed_one_shard,
+    name="embed-shard",
+    cache_policy=NO_CACHE,
+    retries=IO_RETRIES,
+    retry_delay_seconds=[1, 5, 20],
+    timeout_seconds=6 * 3600,
+)
 targets_task = io_task(targets, "targets", timeout_seconds=12 * 3600)
 anchors_task = io_task(anchors, "anchors", timeout_seconds=3600)
 retrieval_task = io_task(retrieval, "retrieval", timeout_seconds=6 * 3600)

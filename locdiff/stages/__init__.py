@@ -27,8 +27,8 @@ from locdiff.storage import ArtifactWriter, Store
 
 VERSIONS = {
     "datasets": "1",
-    "embeddings": "1",
-    "targets": "2",
+    "embeddings": "2",
+    "targets": "3",
     "anchors": "2",
     "runs": "2",
     "retrieval": "1",

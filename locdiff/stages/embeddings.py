@@ -1,10 +1,17 @@
-"""Embedding extraction: a dataset artifact's images -> frozen-encoder features, one part per shard.
+r"""Embedding extraction: a dataset artifact's images -> frozen-encoder features, one part per shard.
 
 ``embed_dataset(store, dataset_key, encoder_name=…)`` builds (or reuses) and :func:`load_embeddings`
 reads ``embeddings/<dataset>/<encoder>/<hash>``::
 
     parts/part-00000.parquet     image_id, embedding, lat, lon, split   (one per input tar shard)
+    arrays/part-00000.emb.npy    float16 [n, dim]  \  the same rows as plain .npy arrays, which the
+    arrays/part-00000.lat.npy    float64 [n]        > trainer memory-maps (:func:`open_embeddings`):
+    arrays/part-00000.lon.npy    float64 [n]       /  a batch reads its rows, nothing else is loaded
     skipped/part-00000.parquet   image_id, reason                       (images that did not decode)
+
+The Parquet parts are what the DuckDB catalog reads (``embeddings`` view); the ``.npy`` arrays are the
+zero-copy path for training and scale (``np.load(mmap_mode="r")`` part by part; from S3 each array is
+fetched once into a local cache named by its checksum, then mapped).
 
 Layout: ``embedding`` is ``fixed_size_list<halffloat>[dim]`` — float16 halves the bytes of float32 and is
 what DESIGN §4 asks for; pyarrow writes it as Parquet's FLOAT16 logical type, which DuckDB 2.x reads
@@ -43,6 +50,8 @@ from locdiff.storage import ArtifactWriter, Key, Store
 STAGE = "embeddings"
 PART_DIR = "parts"
 SKIP_DIR = "skipped"
+ARRAY_DIR = "arrays"
+ARRAY_COLUMNS = ("emb", "lat", "lon")
 MAX_SKIPPED_LISTED = 1000
 # Test hook: seconds to sleep after each committed part (lets a test SIGKILL the stage mid-way).
 SLEEP_ENV = "LOCDIFF_TEST_SLEEP_PER_SHARD"
@@ -50,6 +59,15 @@ SLEEP_ENV = "LOCDIFF_TEST_SLEEP_PER_SHARD"
 
 def part_relpath(shard_index: int) -> str:
     return f"{PART_DIR}/part-{shard_index:05d}.parquet"
+
+
+def array_relpath(shard_index: int, column: str) -> str:
+    return f"{ARRAY_DIR}/part-{shard_index:05d}.{column}.npy"
+
+
+def _array_relpath_of(part_rel: str, column: str) -> str:
+    stem = part_rel.rsplit("/", 1)[-1].removesuffix(".parquet")
+    return f"{ARRAY_DIR}/{stem}.{column}.npy"
 
 
 def skipped_relpath(shard_index: int) -> str:
@@ -209,23 +227,13 @@ def embed_dataset(
 
     def build(w: ArtifactWriter) -> None:
         plan, table = _plan(store, dataset_key)
-        meta = {
-            iid: (la, lo, sp)
-            for iid, la, lo, sp in zip(
-                table["image_id"].to_pylist(),
-                table["lat"].to_pylist(),
-                table["lon"].to_pylist(),
-                table["split"].to_pylist(),
-                strict=True,
-            )
-        }
+        meta = _meta(table)
         total = table.num_rows
         stats = EmbedStats(parts_total=len(plan))
         t0 = time.perf_counter()
-        sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
         todo = []
         for sh in plan:
-            if w.part_done(part_relpath(sh.index)) and w.part_done(skipped_relpath(sh.index)):
+            if all(w.part_done(r) for r in _shard_relpaths(sh.index)):
                 stats.parts_reused += 1
                 stats.images += len(sh.members)
             else:
@@ -233,31 +241,9 @@ def embed_dataset(
         if progress is not None:
             progress(stats.images, total)
         if todo:
-            workers = _default_workers() if num_workers is None else max(0, int(num_workers))
-            workers = min(workers, len(todo))
-            cuda = enc.device.type == "cuda"
-            loader = DataLoader(
-                _ShardBatches(store, dataset_key, todo, enc.preprocess, batch_size),
-                batch_size=None,
-                num_workers=workers,
-                pin_memory=cuda,
-                prefetch_factor=4 if workers else None,
+            _embed_shards(
+                w, store, dataset_key, enc, todo, meta, batch_size, num_workers, stats, total, progress
             )
-            acc: dict[int, dict] = {}
-            for item in loader:
-                a = acc.setdefault(item["shard"], {"ids": [], "emb": [], "skipped": []})
-                if item["ids"]:
-                    a["ids"].extend(item["ids"])
-                    a["emb"].append(enc(item["x"]).to("cpu", torch.float16).numpy())  # [b, dim]
-                a["skipped"].extend(item["skipped"])
-                if item["last"]:
-                    sh = todo[item["shard"]]
-                    _write_part(w, sh.index, acc.pop(item["shard"]), meta, enc.dim)
-                    stats.images += len(sh.members)
-                    if progress is not None:
-                        progress(stats.images, total)
-                    if sleep:
-                        time.sleep(sleep)
         skipped = []
         for sh in plan:
             with w.open_part(skipped_relpath(sh.index)) as f:
@@ -280,6 +266,150 @@ def embed_dataset(
     return get_or_build(store, STAGE, _artifact_name(dataset_key, enc), cfg, [dataset_key], build)
 
 
+def _meta(table: pa.Table) -> dict:
+    return {
+        iid: (la, lo, sp)
+        for iid, la, lo, sp in zip(
+            table["image_id"].to_pylist(),
+            table["lat"].to_pylist(),
+            table["lon"].to_pylist(),
+            table["split"].to_pylist(),
+            strict=True,
+        )
+    }
+
+
+def _embed_shards(
+    w: ArtifactWriter,
+    store: Store,
+    dataset_key: str,
+    enc: Encoder,
+    todo: list[_Shard],
+    meta: dict,
+    batch_size: int,
+    num_workers: int | None,
+    stats: EmbedStats,
+    total: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Embed the shards ``todo``, writing and committing each one's part as its last batch arrives."""
+    sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
+    workers = _default_workers() if num_workers is None else max(0, int(num_workers))
+    workers = min(workers, len(todo))
+    cuda = enc.device.type == "cuda"
+    loader = DataLoader(
+        _ShardBatches(store, dataset_key, todo, enc.preprocess, batch_size),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=cuda,
+        prefetch_factor=4 if workers else None,
+    )
+    acc: dict[int, dict] = {}
+    for item in loader:
+        a = acc.setdefault(item["shard"], {"ids": [], "emb": [], "skipped": []})
+        if item["ids"]:
+            a["ids"].extend(item["ids"])
+            a["emb"].append(enc(item["x"]).to("cpu", torch.float16).numpy())  # [b, dim]
+        a["skipped"].extend(item["skipped"])
+        if item["last"]:
+            sh = todo[item["shard"]]
+            _write_part(w, sh.index, acc.pop(item["shard"]), meta, enc.dim)
+            stats.images += len(sh.members)
+            if progress is not None:
+                progress(stats.images, total)
+            if sleep:
+                time.sleep(sleep)
+
+
+def _shard_relpaths(index: int) -> list[str]:
+    """Every file one shard commits (the Parquet part last)."""
+    return [skipped_relpath(index), *(array_relpath(index, c) for c in ARRAY_COLUMNS), part_relpath(index)]
+
+
+def write_arrays(w: ArtifactWriter, index: int, columns: dict[str, np.ndarray]) -> None:
+    """Write and commit one part's ``.npy`` arrays (``emb``, ``lat``, ``lon``, or ``code``).
+
+    Rows are checked here, once (finite embeddings, coordinates in range), so that readers can map the
+    arrays without scanning them."""
+    emb, lat, lon = columns.get("emb"), columns.get("lat"), columns.get("lon")
+    if emb is not None and len(emb) and not np.isfinite(emb).all():
+        raise ValueError(f"part {index}: the encoder produced NaN/inf embeddings")
+    if lat is not None and len(lat) and (np.abs(lat).max() > 90 or np.abs(lon).max() > 180):
+        raise ValueError(f"part {index}: coordinates out of range")
+    for name, arr in columns.items():
+        rel = array_relpath(index, name)
+        with w.open(rel, "wb") as f:
+            np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+        w.commit_part(rel, rows=None)
+
+
+# --------------------------------------------------------------------------------------------- per shard
+_ENCODERS: dict[tuple, Encoder] = {}
+
+
+def _encoder(encoder_name, pretrained, checkpoint, device, image_size) -> Encoder:
+    """One loaded encoder per process and spec (a Dask worker runs many shard tasks)."""
+    spec = (encoder_name, pretrained, checkpoint, device, image_size)
+    if spec not in _ENCODERS:
+        _ENCODERS[spec] = load_encoder(
+            encoder_name, pretrained, checkpoint, device=device, image_size=image_size
+        )
+    return _ENCODERS[spec]
+
+
+def shards_to_embed(
+    store: Store,
+    dataset_key: str,
+    encoder_name: str = OFFLINE_ENCODER,
+    pretrained: str | None = None,
+    checkpoint: str | None = None,
+    device: str = "cpu",
+    image_size: int | None = None,
+    encoder: Encoder | None = None,
+    **_: object,
+) -> list[int]:
+    """The shard numbers of a dataset whose parts are not committed yet (none when the artifact is)."""
+    enc = encoder or _encoder(encoder_name, pretrained, checkpoint, device, image_size)
+    key = embedding_key(store, dataset_key, enc)
+    if store.exists(key):
+        return []
+    plan, _ = _plan(store, dataset_key)
+    w = store.writer(key, config=embedding_config(enc, dataset_key), upstream=[dataset_key])
+    return [sh.index for sh in plan if not all(w.part_done(r) for r in _shard_relpaths(sh.index))]
+
+
+def embed_shard(
+    store: Store,
+    dataset_key: str,
+    shard: int,
+    encoder_name: str = OFFLINE_ENCODER,
+    pretrained: str | None = None,
+    checkpoint: str | None = None,
+    batch_size: int = 128,
+    device: str = "cpu",
+    image_size: int | None = None,
+    encoder: Encoder | None = None,
+    **_: object,
+) -> int:
+    """Embed one shard and commit its part (a no-op when committed); returns its image count.
+
+    The unit a Dask worker runs: a shard's part does not depend on which process embedded it, or on
+    which other shards were embedded before, so the parts are the sequential stage's, byte for byte.
+    """
+    enc = encoder or _encoder(encoder_name, pretrained, checkpoint, device, image_size)
+    key = embedding_key(store, dataset_key, enc)
+    plan, table = _plan(store, dataset_key)
+    sh = next((p for p in plan if p.index == shard), None)
+    if sh is None:
+        raise ValueError(f"dataset {dataset_key} has no shard {shard}")
+    if store.exists(key):
+        return len(sh.members)
+    w = store.writer(key, config=embedding_config(enc, dataset_key), upstream=[dataset_key])
+    if not all(w.part_done(r) for r in _shard_relpaths(shard)):
+        _embed_shards(w, store, dataset_key, enc, [sh], _meta(table), batch_size, 0, EmbedStats(), 0, None)
+    return len(sh.members)
+
+
 def _write_part(w: ArtifactWriter, index: int, a: dict, meta: dict, dim: int) -> None:
     ids = a["ids"]
     emb = np.concatenate(a["emb"]) if a["emb"] else np.zeros((0, dim), np.float16)
@@ -300,6 +430,9 @@ def _write_part(w: ArtifactWriter, index: int, a: dict, meta: dict, dim: int) ->
         pa.table({"image_id": [s[0] for s in sk], "reason": [s[1] for s in sk]}, schema=_SKIP_SCHEMA),
     )
     w.commit_part(skipped_relpath(index), rows=None)
+    write_arrays(
+        w, index, {"emb": emb, "lat": np.asarray(lat, np.float64), "lon": np.asarray(lon, np.float64)}
+    )
     w.write_table(part_relpath(index), table)
     w.commit_part(part_relpath(index), rows=len(ids))
 
@@ -318,6 +451,8 @@ def load_embeddings(
     """
     dim = int(store.manifest(key)["dim"])
     splits = None if split is None else ({split} if isinstance(split, str) else set(split))
+    if has_arrays(store, key):
+        return _load_from_arrays(store, key, splits, dim)
     tables, present = [], set()
     for rel in embedding_parts(store, key):
         t = store.read_table(key, rel)
@@ -334,3 +469,229 @@ def load_embeddings(
     lat = torch.from_numpy(t["lat"].to_numpy().astype(np.float64))
     lon = torch.from_numpy(t["lon"].to_numpy().astype(np.float64))
     return t["image_id"].to_pylist(), emb, lat, lon
+
+
+def _load_from_arrays(store: Store, key: str, splits: set | None, dim: int):
+    """``load_embeddings`` from the mapped arrays: one float32 output, filled part by part (no Arrow
+    concatenation, no per-part float32 temporaries beyond one part's selected rows)."""
+    import pyarrow.compute as pc
+
+    parts = embedding_parts(store, key)
+    ids, masks, present = [], [], set()
+    for rel in parts:
+        t = store.read_table(key, rel, columns=["image_id", "split"])
+        if splits is None:
+            mask = None
+            ids.extend(t["image_id"].to_pylist())
+        else:
+            present.update(pc.unique(t["split"]).to_pylist())
+            m = pc.is_in(t["split"], value_set=pa.array(sorted(splits), pa.string()))
+            mask = m.to_numpy(zero_copy_only=False)
+            ids.extend(t.filter(m)["image_id"].to_pylist())
+        masks.append(mask)
+    if splits is not None and not ids:
+        raise LookupError(f"no embeddings of split(s) {sorted(splits)} in {key}; it has {sorted(present)}")
+    n = len(ids)
+    emb = torch.empty((n, dim), dtype=torch.float32)
+    lat = torch.empty(n, dtype=torch.float64)
+    lon = torch.empty(n, dtype=torch.float64)
+    maps, o = MappedArrays(store), 0
+    for rel, mask in zip(parts, masks, strict=True):
+        cols = {c: maps.open(key, _array_relpath_of(rel, c)) for c in ARRAY_COLUMNS}
+        sel = slice(None) if mask is None else mask
+        k = int(cols["lat"].shape[0] if mask is None else mask.sum())
+        emb[o : o + k] = torch.from_numpy(np.asarray(cols["emb"][sel], dtype=np.float32))
+        lat[o : o + k] = torch.from_numpy(np.asarray(cols["lat"][sel], dtype=np.float64))
+        lon[o : o + k] = torch.from_numpy(np.asarray(cols["lon"][sel], dtype=np.float64))
+        maps.release()
+        o += k
+    return ids, emb, lat, lon
+
+
+# --------------------------------------------------------------------------------------------- mapping
+def _mmap_cache_dir() -> str:
+    import tempfile
+
+    return os.environ.get("LOCDIFF_MMAP_CACHE") or os.path.join(tempfile.gettempdir(), "locdiff-mmap")
+
+
+class MappedArrays:
+    """Opens the ``.npy`` files of store artifacts as read-only memory maps; :meth:`release` drops the
+    pages the maps have touched from this process (they stay in the OS page cache), which keeps the
+    resident set of a long random-access run bounded."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.maps: list[np.memmap] = []
+
+    def _local_path(self, key: str, relpath: str) -> str:
+        if self.store.is_local:
+            return self.store.fspath(key, relpath)
+        import shutil
+
+        entry = next(f for f in self.store.manifest(key)["files"] if f["relpath"] == relpath)
+        path = os.path.join(_mmap_cache_dir(), entry["sha256"] + ".npy")  # content-addressed
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with self.store.open(key, relpath) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 4 << 20)
+            os.replace(tmp, path)
+        return path
+
+    def open(self, key: str, relpath: str) -> np.ndarray:
+        import mmap
+
+        arr = np.load(self._local_path(key, relpath), mmap_mode="r", allow_pickle=False)
+        if isinstance(arr, np.memmap) and hasattr(mmap, "MADV_RANDOM") and arr.size:
+            arr._mmap.madvise(mmap.MADV_RANDOM)  # no read-ahead: batches read scattered rows
+            self.maps.append(arr)
+        return arr
+
+    def release(self) -> None:
+        import mmap
+
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for arr in self.maps:
+            arr._mmap.madvise(mmap.MADV_DONTNEED)
+
+
+def has_arrays(store: Store, key: str) -> bool:
+    """True when every Parquet part of an embeddings artifact has its memory-mappable arrays."""
+    files = set(store.files(key))
+    parts = [f for f in files if f.startswith(PART_DIR + "/") and f.endswith(".parquet")]
+    return bool(parts) and all(_array_relpath_of(p, c) in files for p in parts for c in ARRAY_COLUMNS)
+
+
+def open_embeddings(
+    store: Store,
+    key: str,
+    split: str | list[str] | None = None,
+    targets_key: str | None = None,
+    release_every: int = 1,
+):
+    """The rows of ``split`` (or all) as a memory-mapped ``locdiff_core.data.PartedGeo``, with the
+    target cache's codes when ``targets_key`` is given. Only the ``split`` column of each Parquet
+    part is read now; embeddings, coordinates and codes are read a batch at a time."""
+    import pyarrow.compute as pc
+
+    from locdiff_core.data import GeoPart, PartedGeo
+
+    if not has_arrays(store, key):
+        raise LookupError(f"{key} has no memory-mappable arrays (written by an older locdiff); re-embed it")
+    splits = None if split is None else ([split] if isinstance(split, str) else list(split))
+    maps = MappedArrays(store)
+    tfiles = set(store.files(targets_key)) if targets_key else set()
+    parts, rows, present, offset = [], [], set(), 0
+    for rel in embedding_parts(store, key):
+        cols = {c: maps.open(key, _array_relpath_of(rel, c)) for c in ARRAY_COLUMNS}
+        codes = None
+        if targets_key:
+            crel = _array_relpath_of(rel, "code")
+            if crel not in tfiles:
+                raise LookupError(f"target cache {targets_key} has no {crel}; rebuild the cache")
+            codes = maps.open(targets_key, crel)
+            if codes.shape[0] != cols["emb"].shape[0]:
+                raise ValueError(
+                    f"target cache {targets_key} is not aligned with {key} in {rel} "
+                    f"({codes.shape[0]} vs {cols['emb'].shape[0]} rows); rebuild the cache"
+                )
+        n = cols["emb"].shape[0]
+        if splits is None:
+            rows.append(np.arange(offset, offset + n, dtype=np.int64))
+        else:
+            col = store.read_table(key, rel, columns=["split"])["split"]
+            present.update(pc.unique(col).to_pylist())
+            mask = pc.is_in(col, value_set=pa.array(splits, pa.string())).to_numpy(zero_copy_only=False)
+            rows.append(offset + np.nonzero(mask)[0].astype(np.int64))
+        parts.append(GeoPart(cols["emb"], cols["lat"], cols["lon"], codes))
+        offset += n
+    sel = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    if len(sel) == 0:
+        raise LookupError(f"no embeddings of split(s) {splits} in {key}; it has {sorted(present)}")
+    return PartedGeo(parts, sel, release=maps.release, release_every=release_every)
+
+
+# --------------------------------------------------------------------------------------------- synthetic
+SYNTHETIC_NOTE = (
+    "SYNTHETIC: embeddings are a smooth noisy function of the location (no images); for scale "
+    "measurements and tests only, never for accuracy claims"
+)
+
+
+def synthetic_rows(n: int, dim: int, seed: int, start: int = 0) -> dict[str, np.ndarray]:
+    """Rows ``start..start+n`` of the synthetic table of ``seed``: photo-like locations (half around a
+    few cities, half uniform on the sphere) and embeddings = Fourier features of the unit vector under
+    a fixed random projection, plus Gaussian noise. Deterministic per (seed, start)."""
+    proj = np.random.default_rng([seed, 0]).normal(0, 2.0, (3, dim - dim // 2))
+    rng = np.random.default_rng([seed, 1, start])
+    centres = np.array([[48.9, 2.3], [40.7, -74.0], [35.7, 139.7], [-33.9, 151.2], [-23.5, -46.6]])
+    k = n // 2
+    c = centres[rng.integers(0, len(centres), k)]
+    lat = np.concatenate([c[:, 0] + rng.normal(0, 2, k), np.degrees(np.arcsin(rng.uniform(-1, 1, n - k)))])
+    lon = np.concatenate([c[:, 1] + rng.normal(0, 2, k), rng.uniform(-180, 180, n - k)])
+    lat = np.clip(lat, -89.9, 89.9)
+    lon = (lon + 180) % 360 - 180
+    la, lo = np.radians(lat), np.radians(lon)
+    xyz = np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], 1)
+    z = (xyz @ proj).astype(np.float32)  # [n, dim - dim//2]
+    feats = np.concatenate([np.sin(z), np.cos(z)[:, : dim // 2]], 1)  # float32: bounded memory per part
+    feats += 0.05 * rng.standard_normal(feats.shape, dtype=np.float32)
+    emb = feats.astype(np.float16)
+    split = np.full(n, "train", dtype=object)
+    perm = rng.permutation(n)  # exactly 10 % val and 10 % test in every part
+    split[perm[: n // 10]] = "val"
+    split[perm[n // 10 : n // 5]] = "test"
+    return {"emb": emb, "lat": lat, "lon": lon, "split": split}
+
+
+def synth_embeddings(
+    store: Store, name: str, rows: int, dim: int, seed: int = 0, part_rows: int = 100_000
+) -> str:
+    """A synthetic embeddings artifact ``embeddings/<name>/synthetic/<hash>`` written directly, part by
+    part (bounded memory at any size); see :data:`SYNTHETIC_NOTE`. Returns its key."""
+    if rows < 1 or dim < 2 or part_rows < 1:
+        raise ValueError(f"rows, part_rows must be >= 1 and dim >= 2 (got {rows}, {part_rows}, {dim})")
+    cfg = {
+        "synthetic": True,
+        "rows": int(rows),
+        "dim": int(dim),
+        "seed": int(seed),
+        "part_rows": int(part_rows),
+    }
+
+    def build(w: ArtifactWriter) -> None:
+        for index, start in enumerate(range(0, rows, part_rows)):
+            if all(w.part_done(r) for r in _shard_relpaths(index)):
+                continue
+            n = min(part_rows, rows - start)
+            r = synthetic_rows(n, dim, seed, start)
+            w.write_table(skipped_relpath(index), _SKIP_SCHEMA.empty_table())
+            w.commit_part(skipped_relpath(index), rows=None)
+            write_arrays(w, index, {"emb": r["emb"], "lat": r["lat"], "lon": r["lon"]})
+            table = pa.table(
+                {
+                    "image_id": pa.array([f"syn-{seed}-{start + i:09d}" for i in range(n)], pa.string()),
+                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(r["emb"].reshape(-1)), dim),
+                    "lat": pa.array(r["lat"], pa.float64()),
+                    "lon": pa.array(r["lon"], pa.float64()),
+                    "split": pa.array(list(r["split"]), pa.string()),
+                },
+                schema=embedding_schema(dim),
+            )
+            w.write_table(part_relpath(index), table)
+            w.commit_part(part_relpath(index), rows=n)
+            del r, table
+        w.set(
+            dataset=None,
+            synthetic=True,
+            note=SYNTHETIC_NOTE,
+            encoder="synthetic",
+            dim=int(dim),
+            embedding_dtype="float16",
+            n_skipped=0,
+            skipped=[],
+        )
+
+    return get_or_build(store, STAGE, f"{name}/synthetic", cfg, [], build)

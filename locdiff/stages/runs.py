@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -56,7 +59,17 @@ def anchor_roles(config: LocDiffConfig) -> tuple[str, ...]:
 
 # ------------------------------------------------------------------------------------------ loading
 def load_geo(store: Store, embeddings_key: str, split: str, targets_key: str | None = None):
-    """One split as ``GeoEmbeddings`` (with the cached codes of ``targets_key`` when given)."""
+    """One split as a memory-mapped ``PartedGeo`` (with the cached codes of ``targets_key`` when
+    given): nothing but the split column is read until a batch asks for its rows. Artifacts written
+    before the ``.npy`` arrays existed are loaded into memory as a ``GeoEmbeddings``."""
+    from locdiff.stages.embeddings import has_arrays, open_embeddings
+
+    if has_arrays(store, embeddings_key):
+        return open_embeddings(store, embeddings_key, split, targets_key)  # rows checked when written
+    return _load_geo_in_memory(store, embeddings_key, split, targets_key)
+
+
+def _load_geo_in_memory(store: Store, embeddings_key: str, split: str, targets_key: str | None = None):
     import torch
 
     from locdiff.stages.embeddings import load_embeddings
@@ -234,13 +247,18 @@ def train_run(
     stop_after_steps: int | None = None,
     progress: Callable[[float, float], None] | None = None,
     log: logging.Logger | None = None,
+    data_on_device: bool | None = None,
 ) -> str:
     """Train (or resume, or reuse) a LocDiff run on the train/val splits of an embeddings artifact.
 
     ``targets_key``: the SHDD target cache to read x₀ from (required unless ``train.targets`` is
     ``per_batch``); ``anchors``: ``{"uniform": key, "data": key}`` anchor-set artifacts (see
     :func:`anchor_roles`). Returns the run key. ``stop_after_steps`` (testing aid) stops the attempt
-    early without committing.
+    early without committing. ``data_on_device``: hold the training rows on the CUDA device (None:
+    when they fit in half its free memory).
+
+    Under torchrun (``locdiff.ddp``) every rank calls this: all read the memory-mapped rows, rank 0
+    alone opens the writer, resumes (the checkpoint is broadcast), checkpoints and commits.
     """
     from locdiff_core.checkpoint import to_bytes
     from locdiff_core.train import train
@@ -260,9 +278,15 @@ def train_run(
         log.info("run %s is committed already; reusing it", key)
         return key
 
+    from locdiff_core.checkpoint import CheckpointError
+    from locdiff_core.train import _distributed
+
+    rank, world = _distributed()
+    # one trainer per run key at a time (a DDP launch is one trainer: its ranks do not take the lease)
     on_wait = lambda owner: log.info("run %s is being trained by %s; waiting for it", key, owner)  # noqa: E731
-    with Lease(store, key, on_wait=on_wait) as lease:  # one trainer per run key at a time
-        if lease.committed:
+    lease = Lease(store, key, on_wait=on_wait) if world == 1 else nullcontext()
+    with lease:
+        if world == 1 and lease.committed:
             log.info("run %s was committed by another process; reusing it", key)
             return key
         train_data = load_geo(store, embeddings_key, "train", targets_key)
@@ -272,21 +296,37 @@ def train_run(
                 f"embed_dim={config.embed_dim}",
                 "resolve the config with the embeddings' width (resolve_config(..., embed_dim=...))",
             )
-        try:
-            val_data = load_geo(store, embeddings_key, "val")
-        except LookupError:
-            val_data = None
+        val_data = None
+        if rank == 0:
+            try:
+                val_data = load_geo(store, embeddings_key, "val")
+            except LookupError:
+                val_data = None
         pools = anchor_pools(store, anchors, train_data) if "uniform" in anchors else None
+        data_device = _data_device(config, train_data, data_on_device)
 
-        with store.writer(key, config=cfg, upstream=upstream, resume=True) as w:
-            found = _latest_part(store, w, key, tc.max_steps, tc.checkpoint_every)
+        # rank 0 alone opens the writer (finds the checkpoint to resume from, writes, commits)
+        ctx = store.writer(key, config=cfg, upstream=upstream, resume=True) if rank == 0 else nullcontext()
+        with ctx as w:
+            found = _latest_part(store, w, key, tc.max_steps, tc.checkpoint_every) if rank == 0 else None
+            if world > 1:
+                found = _broadcast_resume(found)
             start_step, resume = (found[0], found[1]) if found else (0, None)
-            if resume is not None:
-                log.info("resuming run %s from checkpoint at step %d", key, start_step)
-            else:
-                log.info("starting run %s from step 0 (%d steps)", key, tc.max_steps)
-            if progress:
-                progress(start_step, tc.max_steps)
+            if rank == 0:
+                if resume is not None:
+                    log.info(
+                        "resuming run %s from checkpoint at step %d (written by %d process(es); now %d)",
+                        key,
+                        start_step,
+                        int(resume.get("world_size", 1)),
+                        world,
+                    )
+                else:
+                    log.info(
+                        "starting run %s from step 0 (%d steps, %d process(es))", key, tc.max_steps, world
+                    )
+                if progress:
+                    progress(start_step, tc.max_steps)
 
             def save(ckpt: dict) -> None:
                 if ckpt["step"] >= tc.max_steps:
@@ -296,6 +336,9 @@ def train_run(
                 w.commit_part(rel)
 
             def on_event(event: dict) -> None:
+                _test_kill_hook(rank, event)
+                if rank != 0:
+                    return
                 if event.get("event") == "train":
                     if progress:
                         progress(event["step"], tc.max_steps)
@@ -305,20 +348,31 @@ def train_run(
                         "step %d val median %.0f km", event["step"], event.get("median_km", float("nan"))
                     )
 
-            result = train(
-                config,
-                train_data,
-                val_data,
-                checkpoint_callback=save,
-                resume_from=resume,
-                progress=on_event,
-                max_steps=stop_after_steps,
-                anchor_pools=pools,
-            )
+            try:
+                result = train(
+                    config,
+                    train_data,
+                    val_data,
+                    checkpoint_callback=save if rank == 0 else None,
+                    resume_from=resume,
+                    progress=on_event,
+                    max_steps=stop_after_steps,
+                    anchor_pools=pools,
+                    data_device=data_device,
+                )
+            except CheckpointError as exc:
+                written = int(resume.get("world_size", 1)) if isinstance(resume, dict) else 1
+                raise UserError(
+                    f"cannot resume run {key} from its step-{start_step} checkpoint (written by {written} "
+                    f"process(es), resumed by {world}): {exc}".replace("\n", " "),
+                    f"the world size may change, the config may not; delete {store.url}/{key} to start over",
+                ) from None
             if result.step < tc.max_steps:
                 raise RuntimeError(
                     f"training stopped at step {result.step} of {tc.max_steps} (stop_after_steps)"
                 )
+            if rank != 0:
+                return key
             w.write_bytes(MODEL_FILE, to_bytes(result.checkpoint))
             w.write_bytes("curves.json", json.dumps(result.curves).encode())
             w.write_table("curves.parquet", curves_table(result.curves))
@@ -331,8 +385,54 @@ def train_run(
                 targets=targets_key,
                 anchors=anchors,
                 val_metrics=result.val_metrics,
+                world_size=world,
             )
     return key
+
+
+# Test hook: "RANK:STEP" makes that rank SIGKILL itself at that logged step (DDP failure tests).
+KILL_ENV = "LOCDIFF_TEST_KILL_RANK_AT"
+
+
+def _test_kill_hook(rank: int, event: dict) -> None:
+    spec = os.environ.get(KILL_ENV)
+    if spec and event.get("event") == "train":
+        r, s = (int(v) for v in spec.split(":"))
+        if r == rank and event["step"] >= s:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _broadcast_resume(found: tuple[int, dict] | None) -> tuple[int, dict] | None:
+    """Rank 0's resume checkpoint, sent to every rank as bytes and loaded safely (weights_only)."""
+    import torch.distributed as dist
+
+    from locdiff_core.checkpoint import from_bytes, to_bytes
+
+    box = [None if found is None else (found[0], to_bytes(found[1]))] if dist.get_rank() == 0 else [None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        return None
+    step, data = box[0]
+    return step, (found[1] if found is not None else from_bytes(data, source=f"step-{step} checkpoint"))
+
+
+def _data_device(config: LocDiffConfig, data, on_device: bool | None) -> str | None:
+    """Where the training rows live: on the CUDA device when asked, or (auto) when it is the training
+    device and they take at most half of its free memory; else None (memory-mapped on the host)."""
+    import torch
+
+    from locdiff_core.train import resolve_device
+
+    device = resolve_device(config.train.device)
+    if on_device is False or device.type != "cuda":
+        if on_device:
+            raise UserError("data_on_device=True needs train.device on CUDA", "set train.device='cuda'")
+        return None
+    nbytes = data.nbytes() if hasattr(data, "nbytes") else 0
+    free, _ = torch.cuda.mem_get_info()
+    if on_device or nbytes <= free // 2:
+        return f"cuda:{torch.cuda.current_device()}"
+    return None
 
 
 def curves_table(curves: dict):

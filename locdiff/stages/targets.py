@@ -13,7 +13,9 @@ MP16's 4.7 M images); at that scale, or on a GPU (not measured here: no GPU on t
 cache (docs/data.md has the cost table).
 
 Artifact ``targets/<dataset>/L<L>/<hash>``: ``parts/part-xxxxx.parquet`` (image_id, code
-fixed_size_list<float32>[(L+1)^2], split) — one per embedding part, same row order.
+fixed_size_list<float32>[(L+1)^2], split) — one per embedding part, same row order — and beside each
+``arrays/part-xxxxx.code.npy`` (the same codes ``[n, (L+1)^2]``), which the trainer memory-maps
+(``locdiff.stages.embeddings.open_embeddings``) and reads a batch of rows at a time.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def read_codes(
 
 def build_targets(store: Store, embeddings_key: str, max_degree: int, dtype: str = "float32") -> str:
     """Cache SHDD codes for every embedding part (same parts, same row order); returns the key."""
-    from locdiff.stages.embeddings import embedding_parts
+    from locdiff.stages.embeddings import _array_relpath_of, embedding_parts
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -91,10 +93,14 @@ def build_targets(store: Store, embeddings_key: str, max_degree: int, dtype: str
 
     def build(w: ArtifactWriter) -> None:
         for rel in embedding_parts(store, embeddings_key):
-            if w.part_done(rel):
+            arr_rel = _array_relpath_of(rel, "code")
+            if w.part_done(rel) and w.part_done(arr_rel):
                 continue
             t = store.read_table(embeddings_key, rel, columns=["image_id", "lat", "lon", "split"])
             codes = targets_for(t["lat"].to_numpy(), t["lon"].to_numpy(), max_degree, torch.float64)
+            with w.open(arr_rel, "wb") as f:
+                np.save(f, codes.numpy().astype(_DTYPES[dtype][1]), allow_pickle=False)
+            w.commit_part(arr_rel)
             write_codes(w, rel, t["image_id"].to_pylist(), codes.float(), dtype, t["split"].to_pylist())
         w.set(max_degree=int(max_degree), dim=(int(max_degree) + 1) ** 2, code_dtype=dtype)
 

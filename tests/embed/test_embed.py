@@ -133,8 +133,8 @@ def test_sigkill_mid_way_then_resume_equals_uninterrupted(tmp_path, encoder):
     )
     try:
         deadline = time.monotonic() + 120
-        # one finished shard = 2 markers (its part and its skipped list); the child then sleeps 30 s
-        while not (marker_dir.is_dir() and len(list(marker_dir.glob("*.json"))) >= 2):
+        # one finished shard = 5 markers (skipped list, emb/lat/lon arrays, part); the child then sleeps 30 s
+        while not (marker_dir.is_dir() and len(list(marker_dir.glob("*.json"))) >= 5):
             assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
             assert time.monotonic() < deadline, "the child never committed a part"
             time.sleep(0.1)

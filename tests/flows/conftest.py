@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pyarrow as pa
 import pytest
 
 from locdiff.storage import Store
@@ -25,42 +23,11 @@ def prefect_harness(tmp_path_factory):
 def synthetic_embeddings(
     store: Store, n: int = 640, dim: int = 32, seed: int = 0, encoder: str = "synthetic"
 ) -> str:
-    """An embeddings artifact whose embeddings are a noisy, non-linear function of the location, so a
-    model can learn to geolocate them: Fourier features of the unit vector plus Gaussian noise."""
-    rng = np.random.default_rng(seed)
-    # photo-like clustering: half the points around a few "cities", half uniform on the sphere
-    centres = np.array([[48.9, 2.3], [40.7, -74.0], [35.7, 139.7], [-33.9, 151.2], [-23.5, -46.6]])
-    k = n // 2
-    c = centres[rng.integers(0, len(centres), k)]
-    lat = np.concatenate([c[:, 0] + rng.normal(0, 2, k), np.degrees(np.arcsin(rng.uniform(-1, 1, n - k)))])
-    lon = np.concatenate([c[:, 1] + rng.normal(0, 2, k), rng.uniform(-180, 180, n - k)])
-    lat = np.clip(lat, -89.9, 89.9)
-    lon = (lon + 180) % 360 - 180
-    la, lo = np.radians(lat), np.radians(lon)
-    xyz = np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], 1)
-    proj = rng.normal(0, 2.0, (3, dim // 2))
-    feats = np.concatenate([np.sin(xyz @ proj), np.cos(xyz @ proj)], 1)
-    emb = (feats + rng.normal(0, 0.05, feats.shape)).astype(np.float32)
-    split = np.array(["train"] * n, dtype=object)
-    idx = rng.permutation(n)
-    split[idx[: n // 10]] = "val"
-    split[idx[n // 10 : n // 5]] = "test"
-    table = pa.table(
-        {
-            "image_id": [f"syn-{i:05d}" for i in range(n)],
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float16).reshape(-1)), dim),
-            "lat": lat,
-            "lon": lon,
-            "split": split.tolist(),
-        }
-    )
-    cfg = {"n": n, "dim": dim, "seed": seed, "encoder": encoder}
-    key = store.key("embeddings", f"synthetic/{encoder}", "1", cfg)
-    if not store.exists(key):
-        with store.writer(key, config=cfg) as w:
-            w.write_table("parts/part-00000.parquet", table)
-            w.set(encoder=encoder, rows=n, dim=dim)
-    return key
+    """A small synthetic embeddings artifact (``locdiff datasets synth``): a noisy, non-linear function of
+    the location, so a model can learn to geolocate it; Parquet parts plus memory-mappable arrays."""
+    from locdiff.stages.embeddings import synth_embeddings
+
+    return synth_embeddings(store, encoder, rows=n, dim=dim, seed=seed, part_rows=max(1, n // 2))
 
 
 @pytest.fixture(scope="session")

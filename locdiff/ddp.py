@@ -1,0 +1,220 @@
+"""Multi-process training under torchrun (``torch.distributed.run``) with DDP.
+
+:func:`launch_train` is what the train task and ``locdiff train --nproc N`` call when N > 1: it writes
+the run's spec to a temporary folder and runs ::
+
+    python -m torch.distributed.run --standalone --nproc-per-node N -m locdiff.ddp SPEC.json
+
+Each of the N processes (:func:`main`) joins the process group (``nccl`` when training on CUDA, one
+device per local rank; ``gloo`` on CPU) and calls the ordinary stage function
+``locdiff.stages.runs.train_run``: every rank memory-maps the training rows and reads its slice of
+each global batch, DDP averages the gradients, and rank 0 alone resumes (its checkpoint is broadcast),
+writes checkpoints, curves and the run artifact, and commits it. The run key does not depend on N, so
+a run started with one N resumes with another.
+
+When a rank dies, torchrun stops the others and exits non-zero; :func:`launch_train` turns that into
+one line naming the rank and how it ended. Checkpoints committed before the failure stay in the store,
+so running the same command again resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from pathlib import Path
+
+from locdiff.errors import UserError
+
+NPROC_ENV = "LOCDIFF_NPROC"  # the work pools' job variable (infra/work-pools) sets it to the GPU count
+
+
+def _cuda_training(device: str = "auto") -> bool:
+    import torch
+
+    return device != "cpu" and torch.cuda.is_available()
+
+
+def max_nproc(device: str = "auto") -> int:
+    """Processes one machine allows: its GPUs when training on CUDA, else its CPU cores."""
+    import torch
+
+    if _cuda_training(device):
+        return torch.cuda.device_count()
+    return os.cpu_count() or 1
+
+
+def resolve_nproc(nproc: int | None, device: str = "auto") -> int:
+    """``nproc`` (else ``$LOCDIFF_NPROC``, else 1), checked against :func:`max_nproc`."""
+    if nproc is None:
+        raw = os.environ.get(NPROC_ENV, "").strip()
+        try:
+            nproc = int(raw) if raw else 1
+        except ValueError:
+            raise UserError(
+                f"{NPROC_ENV}={raw!r} is not an integer", "set it to the number of GPUs"
+            ) from None
+    nproc = int(nproc)
+    limit = max_nproc(device)
+    what = "GPUs" if _cuda_training(device) else "CPU cores"
+    if nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {nproc}")
+    if nproc > limit:
+        raise UserError(
+            f"--nproc {nproc} is more than this machine allows ({limit} {what})",
+            f"use --nproc {limit} or fewer",
+        )
+    return nproc
+
+
+def torchrun_command(nproc: int, spec_path: str) -> list[str]:
+    """The command each training job runs for ``nproc`` > 1 processes on one node."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={int(nproc)}",
+        "-m",
+        "locdiff.ddp",
+        spec_path,
+    ]
+
+
+_RANK_RE = re.compile(r"^\s*rank\s*:\s*(\d+)", re.M)
+_EXIT_RE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)", re.M)
+
+
+def _failure(tail: str, returncode: int, errors_dir: Path) -> str:
+    """One line: which rank failed and how (a rank's own error message when it left one)."""
+    for f in sorted(errors_dir.glob("rank-*.txt")):
+        msg = f.read_text().strip()
+        if msg:
+            return f"rank {f.stem.split('-')[1]} failed: {msg}"
+    root = tail.rsplit("Root Cause", 1)[-1]  # torchrun's summary: the first observed failure last
+    ranks, codes = _RANK_RE.findall(root), _EXIT_RE.findall(root)
+    if ranks and codes:
+        code = int(codes[0])
+        if code < 0:
+            import signal
+
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with status {code}"
+        return f"rank {ranks[0]} {how}"
+    return f"torchrun exited with status {returncode}"
+
+
+def launch_train(
+    storage: str | None,
+    embeddings_key: str,
+    config,
+    *,
+    nproc: int,
+    targets_key: str | None = None,
+    anchors: dict[str, str] | None = None,
+    name: str | None = None,
+    preset: str | None = None,
+    stop_after_steps: int | None = None,
+    env: dict[str, str] | None = None,
+    log: logging.Logger | None = None,
+) -> str:
+    """Train a run with ``nproc`` processes under torchrun; returns the run key (see module doc)."""
+    from locdiff.storage import Store
+
+    log = log or logging.getLogger("locdiff.ddp")
+    nproc = resolve_nproc(nproc, config.train.device)
+    storage = Store.from_uri(storage).url  # every rank opens the same store
+    with tempfile.TemporaryDirectory(prefix="locdiff-ddp-") as tmp:
+        spec = {
+            "storage": storage,
+            "embeddings_key": embeddings_key,
+            "config": config.to_dict(),
+            "targets_key": targets_key,
+            "anchors": anchors,
+            "name": name,
+            "preset": preset,
+            "stop_after_steps": stop_after_steps,
+            "out": os.path.join(tmp, "run_key.txt"),
+            "errors": os.path.join(tmp, "errors"),
+        }
+        os.makedirs(spec["errors"])
+        spec_path = os.path.join(tmp, "spec.json")
+        Path(spec_path).write_text(json.dumps(spec))
+        cmd = torchrun_command(nproc, spec_path)
+        child_env = {**os.environ, **(env or {})}
+        if not _cuda_training(config.train.device):
+            child_env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one node: keep gloo on loopback
+        child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        log.info("launching %d training processes: %s", nproc, " ".join(cmd[1:]))
+        tail: deque[str] = deque(maxlen=400)
+        with subprocess.Popen(
+            cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        ) as proc:
+            for line in proc.stdout:
+                tail.append(line)
+                sys.stdout.write(line)
+            proc.wait()
+        if proc.returncode != 0:
+            why = _failure("".join(tail), proc.returncode, Path(spec["errors"]))
+            raise UserError(
+                f"distributed training failed: {why}",
+                "checkpoints committed before the failure are kept: run the same command again to resume",
+            )
+        return Path(spec["out"]).read_text().strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank (started by torchrun): join the group, run ``train_run``, rank 0 reports the key."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from locdiff.stages.runs import train_run
+    from locdiff.storage import Store
+    from locdiff_core.config import LocDiffConfig
+
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(argv[0]).read_text())
+    config = LocDiffConfig.from_dict(spec["config"])
+    rank = int(os.environ["RANK"])
+    cuda = _cuda_training(config.train.device)
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank {rank}] %(message)s"
+    )
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    try:
+        key = train_run(
+            Store.from_uri(spec["storage"]),
+            spec["embeddings_key"],
+            config,
+            targets_key=spec["targets_key"],
+            anchors=spec["anchors"],
+            name=spec["name"],
+            preset=spec["preset"],
+            stop_after_steps=spec["stop_after_steps"],
+        )
+        if rank == 0:
+            Path(spec["out"]).write_text(key)
+    except UserError as exc:
+        Path(spec["errors"], f"rank-{rank}.txt").write_text(exc.message)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
