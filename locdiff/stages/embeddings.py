@@ -647,10 +647,17 @@ def synthetic_rows(n: int, dim: int, seed: int, start: int = 0) -> dict[str, np.
 
 
 def synth_embeddings(
-    store: Store, name: str, rows: int, dim: int, seed: int = 0, part_rows: int = 100_000
+    store: Store,
+    name: str,
+    rows: int,
+    dim: int,
+    seed: int = 0,
+    part_rows: int = 100_000,
+    encoder: str = "synthetic",
 ) -> str:
     """A synthetic embeddings artifact ``embeddings/<name>/synthetic/<hash>`` written directly, part by
-    part (bounded memory at any size); see :data:`SYNTHETIC_NOTE`. Returns its key."""
+    part (bounded memory at any size); see :data:`SYNTHETIC_NOTE`. Returns its key. ``encoder`` names the
+    encoder the features stand in for (tests that predict real images with a run trained on them)."""
     if rows < 1 or dim < 2 or part_rows < 1:
         raise ValueError(f"rows, part_rows must be >= 1 and dim >= 2 (got {rows}, {part_rows}, {dim})")
     cfg = {
@@ -660,6 +667,8 @@ def synth_embeddings(
         "seed": int(seed),
         "part_rows": int(part_rows),
     }
+    if encoder != "synthetic":
+        cfg["encoder"] = encoder
 
     def build(w: ArtifactWriter) -> None:
         for index, start in enumerate(range(0, rows, part_rows)):
@@ -687,7 +696,7 @@ def synth_embeddings(
             dataset=None,
             synthetic=True,
             note=SYNTHETIC_NOTE,
-            encoder="synthetic",
+            encoder=encoder,
             dim=int(dim),
             embedding_dtype="float16",
             n_skipped=0,

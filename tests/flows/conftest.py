@@ -27,7 +27,9 @@ def synthetic_embeddings(
     the location, so a model can learn to geolocate it; Parquet parts plus memory-mappable arrays."""
     from locdiff.stages.embeddings import synth_embeddings
 
-    return synth_embeddings(store, encoder, rows=n, dim=dim, seed=seed, part_rows=max(1, n // 2))
+    return synth_embeddings(
+        store, encoder, rows=n, dim=dim, seed=seed, part_rows=max(1, n // 2), encoder=encoder
+    )
 
 
 @pytest.fixture(scope="session")
