@@ -86,30 +86,41 @@ def torchrun_command(nproc: int, spec_path: str) -> list[str]:
     ]
 
 
-_RANK_RE = re.compile(r"^\s*rank\s*:\s*(\d+)", re.M)
-_EXIT_RE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)", re.M)
+# one failure in torchrun's summary: "rank : 1 (local_rank: 1)" then "exitcode : -9 (pid: …)"
+_FAIL_RE = re.compile(r"^\s*rank\s*:\s*(\d+).*\n\s*exitcode\s*:\s*(-?\d+)", re.M)
+
+
+# how the other ranks die of one rank's failure: gloo aborts on a lost peer, torchrun terminates the rest
+_COLLATERAL = {"SIGABRT", "SIGTERM"}
+
+
+def _how(code: int) -> str:
+    import signal
+
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
 
 
 def _failure(tail: str, returncode: int, errors_dir: Path) -> str:
-    """One line: which rank failed and how (a rank's own error message when it left one)."""
+    """One line: which rank failed and how (a rank's own error message when it left one).
+
+    Which rank torchrun lists as the "first observed" failure is a race when one rank's death makes
+    the others abort, so a failure that is not collateral (SIGABRT, SIGTERM) is named first."""
     for f in sorted(errors_dir.glob("rank-*.txt")):
         msg = f.read_text().strip()
         if msg:
             return f"rank {f.stem.split('-')[1]} failed: {msg}"
-    root = tail.rsplit("Root Cause", 1)[-1]  # torchrun's summary: the first observed failure last
-    ranks, codes = _RANK_RE.findall(root), _EXIT_RE.findall(root)
-    if ranks and codes:
-        code = int(codes[0])
-        if code < 0:
-            import signal
-
-            try:
-                how = f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"was killed by signal {-code}"
-        else:
-            how = f"exited with status {code}"
-        return f"rank {ranks[0]} {how}"
+    summary = tail[tail.find("Failures:") :] if "Failures:" in tail else tail
+    root = summary.rsplit("Root Cause", 1)[-1]  # torchrun's own pick
+    failures = [(int(r), int(c)) for r, c in _FAIL_RE.findall(root) + _FAIL_RE.findall(summary)]
+    cause = [(r, c) for r, c in failures if _how(c).split()[-1] not in _COLLATERAL] or failures
+    if cause:
+        rank, code = cause[0]
+        return f"rank {rank} {_how(code)}"
     return f"torchrun exited with status {returncode}"
 
 

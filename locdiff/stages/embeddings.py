@@ -500,9 +500,8 @@ def _load_from_arrays(store: Store, key: str, splits: set | None, dim: int):
         cols = {c: maps.open(key, _array_relpath_of(rel, c)) for c in ARRAY_COLUMNS}
         sel = slice(None) if mask is None else mask
         k = int(cols["lat"].shape[0] if mask is None else mask.sum())
-        emb[o : o + k] = torch.from_numpy(np.asarray(cols["emb"][sel], dtype=np.float32))
-        lat[o : o + k] = torch.from_numpy(np.asarray(cols["lat"][sel], dtype=np.float64))
-        lon[o : o + k] = torch.from_numpy(np.asarray(cols["lon"][sel], dtype=np.float64))
+        for out, c in ((emb, "emb"), (lat, "lat"), (lon, "lon")):  # numpy casts into the tensors' memory
+            out.numpy()[o : o + k] = cols[c][sel]
         maps.release()
         o += k
     return ids, emb, lat, lon

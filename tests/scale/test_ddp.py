@@ -99,3 +99,42 @@ def test_bad_input_is_one_line(setup):
     msg = err.value.message
     assert "written by 1 process(es), resumed by 1" in msg and "train.lr" in msg and "\n" not in msg
     assert torch.distributed.is_available()
+
+
+def _summary(*failures: tuple[int, int, str]) -> str:
+    """torchrun's failure summary: the other failures first, then its "first observed" pick."""
+    blocks = [
+        f"[{r}]:\n  time      : 2026-01-01_00:00:00\n  host      : localhost\n"
+        f"  rank      : {r} (local_rank: {r})\n  exitcode  : {c} (pid: 1{r})  ({sig})\n  error_file: <N/A>\n"
+        for r, c, sig in failures
+    ]
+    return (
+        "locdiff.ddp FAILED\n---\nFailures:\n"
+        + "".join(blocks[1:])
+        + "---\nRoot Cause (first observed failure):\n"
+        + blocks[0]
+    )
+
+
+def test_failure_names_the_rank_killed_from_outside_not_the_one_that_aborted(tmp_path):
+    from locdiff.ddp import _failure
+
+    # the race seen in CI: rank 1 was SIGKILLed, rank 0 aborted in gloo and was observed first
+    tail = _summary((0, -6, "SIGABRT"), (1, -9, "SIGKILL"))
+    assert _failure(tail, 1, tmp_path) == "rank 1 was killed by SIGKILL"
+    assert (
+        _failure(_summary((1, -9, "SIGKILL"), (0, -6, "SIGABRT")), 1, tmp_path)
+        == "rank 1 was killed by SIGKILL"
+    )
+    tail_term = _summary((0, -15, "SIGTERM"), (1, -9, "SIGKILL"))  # torchrun terminated rank 0
+    assert _failure(tail_term, 1, tmp_path) == "rank 1 was killed by SIGKILL"
+    assert _failure(_summary((0, -15, "SIGTERM"), (1, 3, "")), 1, tmp_path) == "rank 1 exited with status 3"
+    # only collateral deaths: torchrun's own pick
+    assert (
+        _failure(_summary((1, -6, "SIGABRT"), (0, -15, "SIGTERM")), 1, tmp_path)
+        == "rank 1 was killed by SIGABRT"
+    )
+    assert _failure("no summary at all", 7, tmp_path) == "torchrun exited with status 7"
+    # a rank's own message wins over any signal
+    (tmp_path / "rank-0.txt").write_text("embeddings key not found")
+    assert _failure(tail, 1, tmp_path) == "rank 0 failed: embeddings key not found"
