@@ -40,13 +40,13 @@ def main() -> None:
 
     from locdiff.datasets import shards as ds
     from locdiff.datasets.bluemarble import build_bluemarble, load_bluemarble
-    from locdiff.encoders import _efficientnet_weights_path, build_efficientnet_lite0, load_encoder
-    from locdiff.stages.embeddings import _default_workers, embed_dataset
+    from locdiff.encoders import build_efficientnet_lite0, efficientnet_weights_path, load_encoder
+    from locdiff.stages.embeddings import default_workers, embed_dataset
     from locdiff.storage import Store
 
     enc = load_encoder(args.encoder, device=args.device, image_size=args.size)
     load_bluemarble()  # decode the source image once, outside the timings
-    workers = _default_workers() if args.workers is None else args.workers
+    workers = default_workers() if args.workers is None else args.workers
     print(
         f"n={args.n} tiles of {args.size} px, batch {args.batch_size}, {workers} loader worker(s), "
         f"{torch.get_num_threads()} torch threads, encoder {enc.name} ({enc.weights}) on {args.device}"
@@ -78,7 +78,7 @@ def main() -> None:
 
         t_ref = None
         if args.encoder == "efficientnet-lite0" and args.device == "cpu":
-            sd = torch.load(_efficientnet_weights_path(), map_location="cpu", weights_only=True)
+            sd = torch.load(efficientnet_weights_path(), map_location="cpu", weights_only=True)
             ref = build_efficientnet_lite0(sd, fast=False)
             n_ref = min(len(batches), 4)
             with torch.inference_mode():

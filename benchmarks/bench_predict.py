@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _model(args):
     import torch
 
-    from locdiff.commands.predict import Model, _flatten, _predict, load_model
+    from locdiff.commands.predict import Model, flatten_predictions, load_model, predict_rows
     from locdiff.encoders import load_encoder
     from locdiff_core.checkpoint import build_model
     from locdiff_core.config import get_preset
@@ -46,7 +46,9 @@ def _model(args):
     cfg = get_preset("cpu", embed_dim=enc.dim)
     torch.manual_seed(0)
     m = Model(Predictor(cfg, build_model(cfg).to(device)), enc, None, device)
-    m.columns = list(_flatten(_predict(m, __import__("numpy").zeros((1, enc.dim), "float32"), 0), 1)[0])
+    m.columns = list(
+        flatten_predictions(predict_rows(m, __import__("numpy").zeros((1, enc.dim), "float32"), 0), 1)[0]
+    )
     return m
 
 

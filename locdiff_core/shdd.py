@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from locdiff_core._checks import as_float_tensor, check_degree, check_latlon, check_positive
 from locdiff_core.anchors import AnchorGrid
-from locdiff_core.harmonics import _kernel_tables, _kernels, degree_index, evaluate_at_points, real_sph_harm
+from locdiff_core.harmonics import _kernels, degree_index, evaluate_at_points, kernel_tables, real_sph_harm
 from locdiff_core.shgrid import RegularGrid
 from locdiff_core.sphere import EARTH_RADIUS_KM, latlon_to_xyz, tangent_frame, xyz_to_latlon
 
@@ -310,7 +310,7 @@ class SHDD:
             kern.refine_range, b, torch.get_num_threads(), 8,
             cf.double().contiguous().numpy(), lat.double().contiguous().numpy(),
             lon.double().contiguous().numpy(), 0.5 * spacing_km / EARTH_RADIUS_KM, iters, self.max_degree,
-            *_kernel_tables(self.max_degree), *(o.numpy() for o in out),
+            *kernel_tables(self.max_degree), *(o.numpy() for o in out),
         )
         return tuple(out)
 

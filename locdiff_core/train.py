@@ -34,62 +34,10 @@ from .checkpoint import (
     unpack_python_rng,
 )
 from .config import LocDiffConfig
-from .data import BatchSampler, PartedGeo, as_parted
+from .data import BatchSampler, GeoEmbeddings, PartedGeo, as_parted
 from .diffusion import NoiseSchedule
 from .sampling import predict_with
 from .shdd import SHDD
-
-
-@dataclass(frozen=True)
-class GeoEmbeddings:
-    """Image embeddings with their true locations: emb [N, E] (any float dtype), lat/lon [N] degrees.
-
-    ``codes`` [N, (L+1)²] optionally carries each row's SHDD code (c units, e.g. read from the target
-    cache); the trainer then takes x₀ = √(4π)·code from it instead of encoding the coordinates.
-    """
-
-    emb: Tensor
-    lat_deg: Tensor
-    lon_deg: Tensor
-    codes: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        emb, lat, lon = self.emb, self.lat_deg, self.lon_deg
-        if not isinstance(emb, Tensor) or emb.ndim != 2 or not emb.is_floating_point():
-            raise ValueError(f"emb must be a float tensor [N, E], got {getattr(emb, 'shape', type(emb))}")
-        n = emb.shape[0]
-        if n == 0:
-            raise ValueError("the data set is empty (0 rows)")
-        for name, v in (("lat_deg", lat), ("lon_deg", lon)):
-            if not isinstance(v, Tensor) or v.shape != (n,):
-                raise ValueError(
-                    f"{name} must be a tensor of shape [{n}], got {getattr(v, 'shape', type(v))}"
-                )
-        if self.codes is not None and (
-            not isinstance(self.codes, Tensor) or self.codes.ndim != 2 or self.codes.shape[0] != n
-        ):
-            raise ValueError(f"codes must be a tensor [{n}, D], got {getattr(self.codes, 'shape', None)}")
-        bad = (~torch.isfinite(emb).all(dim=1)).nonzero()
-        if bad.numel():
-            raise ValueError(f"emb has NaN/inf values in {bad.numel()} rows (first: row {int(bad[0, 0])})")
-        bad = ((lat.abs() > 90) | (lon.abs() > 180) | ~torch.isfinite(lat) | ~torch.isfinite(lon)).nonzero()
-        if bad.numel():
-            i = int(bad[0, 0])
-            raise ValueError(
-                f"row {i}: lat={float(lat[i])}, lon={float(lon[i])} out of range (lat in [-90, 90], "
-                f"lon in [-180, 180])"
-            )
-
-    def __len__(self) -> int:
-        return self.emb.shape[0]
-
-    @property
-    def embed_dim(self) -> int:
-        return self.emb.shape[1]
-
-    def subset(self, idx: Tensor) -> GeoEmbeddings:
-        codes = None if self.codes is None else self.codes[idx]
-        return GeoEmbeddings(self.emb[idx], self.lat_deg[idx], self.lon_deg[idx], codes)
 
 
 @dataclass(frozen=True)
@@ -230,7 +178,7 @@ def _cpu_state_dict(module: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def _distributed() -> tuple[int, int]:
+def distributed_rank_world() -> tuple[int, int]:
     """(rank, world size) of the initialised ``torch.distributed`` process group, else (0, 1)."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
@@ -265,7 +213,7 @@ def train(
     ``max_steps`` stops early without changing the LR schedule (that is what lets k + (N−k) equal N).
     """
     tc = config.train
-    rank, world = _distributed()
+    rank, world = distributed_rank_world()
     if train_data.embed_dim != config.embed_dim:
         raise ValueError(
             f"train_data embeddings are {train_data.embed_dim}-d but config.embed_dim={config.embed_dim}"

@@ -138,7 +138,7 @@ def prepare_data(data_cfg: dict, store=None, progress=print):
     from locdiff.datasets.bluemarble import build_bluemarble
     from locdiff.stages.embeddings import embed_dataset, load_embeddings
     from locdiff.storage import Store
-    from locdiff_core.train import GeoEmbeddings
+    from locdiff_core.data import GeoEmbeddings
 
     store = store or Store.from_uri(data_cfg.get("store"))
     t0 = time.perf_counter()

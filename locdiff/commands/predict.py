@@ -266,11 +266,11 @@ def load_model(
     m = Model(predictor, enc, run_key, device)
     if hybrid:
         m.retrieval = _retrieval_index(checkpoint_file or run_key, storage)
-    m.columns = list(_flatten(_predict(m, np.zeros((1, enc.dim), np.float32), 0), 1)[0])
+    m.columns = list(flatten_predictions(predict_rows(m, np.zeros((1, enc.dim), np.float32), 0), 1)[0])
     return m
 
 
-def _predict(model: Model, emb: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+def predict_rows(model: Model, emb: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     from locdiff.stages.runs import predict_embeddings
 
     return predict_embeddings(model.predictor, emb, seed=seed, retrieval=model.retrieval)
@@ -285,7 +285,7 @@ def _column_name(name: str, j: int | None) -> str:
     return f"{base}_{j + 1}"
 
 
-def _flatten(out: dict[str, np.ndarray], n: int) -> list[dict]:
+def flatten_predictions(out: dict[str, np.ndarray], n: int) -> list[dict]:
     """Per-image rows of ``predict_embeddings``' arrays: 1-d -> one column, 2-d -> one per index."""
     cols: dict[str, np.ndarray] = {}
     for name, arr in out.items():
@@ -368,7 +368,7 @@ def predict_batches(
                 with torch.inference_mode():
                     emb = model.encoder(torch.stack([loaded[i] for i in ok])).cpu().numpy()
                 t2 = time.perf_counter()
-                preds = _flatten(_predict(model, emb, seed), len(ok))
+                preds = flatten_predictions(predict_rows(model, emb, seed), len(ok))
                 t3 = time.perf_counter()
                 timings.encode += t2 - t1
                 timings.predict += t3 - t2

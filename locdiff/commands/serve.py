@@ -106,11 +106,11 @@ class Batcher:
     def _infer(self, tensors: list) -> list[dict]:
         import torch
 
-        from locdiff.commands.predict import _flatten, _predict
+        from locdiff.commands.predict import flatten_predictions, predict_rows
 
         with torch.inference_mode():
             emb = self.model.encoder(torch.stack(tensors)).cpu().numpy()
-        return _flatten(_predict(self.model, emb, self.cfg.seed), len(tensors))
+        return flatten_predictions(predict_rows(self.model, emb, self.cfg.seed), len(tensors))
 
 
 def to_json(row: dict) -> dict:

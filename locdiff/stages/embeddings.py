@@ -65,7 +65,7 @@ def array_relpath(shard_index: int, column: str) -> str:
     return f"{ARRAY_DIR}/part-{shard_index:05d}.{column}.npy"
 
 
-def _array_relpath_of(part_rel: str, column: str) -> str:
+def array_relpath_of(part_rel: str, column: str) -> str:
     stem = part_rel.rsplit("/", 1)[-1].removesuffix(".parquet")
     return f"{ARRAY_DIR}/{stem}.{column}.npy"
 
@@ -170,7 +170,7 @@ class _ShardBatches(IterableDataset):
 
 
 # --------------------------------------------------------------------------------------------- the stage
-def _default_workers() -> int:
+def default_workers() -> int:
     # On 2 cores decoding inline beat one worker process (bench_embed: 14 % vs 23 % overhead): the
     # encoder already uses both cores and 128-px JPEGs decode in well under a millisecond.
     n = os.cpu_count() or 1
@@ -294,7 +294,7 @@ def _embed_shards(
 ) -> None:
     """Embed the shards ``todo``, writing and committing each one's part as its last batch arrives."""
     sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
-    workers = _default_workers() if num_workers is None else max(0, int(num_workers))
+    workers = default_workers() if num_workers is None else max(0, int(num_workers))
     workers = min(workers, len(todo))
     cuda = enc.device.type == "cuda"
     loader = DataLoader(
@@ -497,7 +497,7 @@ def _load_from_arrays(store: Store, key: str, splits: set | None, dim: int):
     lon = torch.empty(n, dtype=torch.float64)
     maps, o = MappedArrays(store), 0
     for rel, mask in zip(parts, masks, strict=True):
-        cols = {c: maps.open(key, _array_relpath_of(rel, c)) for c in ARRAY_COLUMNS}
+        cols = {c: maps.open(key, array_relpath_of(rel, c)) for c in ARRAY_COLUMNS}
         sel = slice(None) if mask is None else mask
         k = int(cols["lat"].shape[0] if mask is None else mask.sum())
         for out, c in ((emb, "emb"), (lat, "lat"), (lon, "lon")):  # numpy casts into the tensors' memory
@@ -560,7 +560,7 @@ def has_arrays(store: Store, key: str) -> bool:
     """True when every Parquet part of an embeddings artifact has its memory-mappable arrays."""
     files = set(store.files(key))
     parts = [f for f in files if f.startswith(PART_DIR + "/") and f.endswith(".parquet")]
-    return bool(parts) and all(_array_relpath_of(p, c) in files for p in parts for c in ARRAY_COLUMNS)
+    return bool(parts) and all(array_relpath_of(p, c) in files for p in parts for c in ARRAY_COLUMNS)
 
 
 def open_embeddings(
@@ -584,10 +584,10 @@ def open_embeddings(
     tfiles = set(store.files(targets_key)) if targets_key else set()
     parts, rows, present, offset = [], [], set(), 0
     for rel in embedding_parts(store, key):
-        cols = {c: maps.open(key, _array_relpath_of(rel, c)) for c in ARRAY_COLUMNS}
+        cols = {c: maps.open(key, array_relpath_of(rel, c)) for c in ARRAY_COLUMNS}
         codes = None
         if targets_key:
-            crel = _array_relpath_of(rel, "code")
+            crel = array_relpath_of(rel, "code")
             if crel not in tfiles:
                 raise LookupError(f"target cache {targets_key} has no {crel}; rebuild the cache")
             codes = maps.open(targets_key, crel)

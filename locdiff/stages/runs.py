@@ -66,15 +66,15 @@ def load_geo(store: Store, embeddings_key: str, split: str, targets_key: str | N
 
     if has_arrays(store, embeddings_key):
         return open_embeddings(store, embeddings_key, split, targets_key)  # rows checked when written
-    return _load_geo_in_memory(store, embeddings_key, split, targets_key)
+    return load_geo_in_memory(store, embeddings_key, split, targets_key)
 
 
-def _load_geo_in_memory(store: Store, embeddings_key: str, split: str, targets_key: str | None = None):
+def load_geo_in_memory(store: Store, embeddings_key: str, split: str, targets_key: str | None = None):
     import torch
 
     from locdiff.stages.embeddings import load_embeddings
     from locdiff.stages.targets import load_targets
-    from locdiff_core.train import GeoEmbeddings
+    from locdiff_core.data import GeoEmbeddings
 
     ids, emb, lat, lon = load_embeddings(store, embeddings_key, split)
     codes = None
@@ -279,9 +279,9 @@ def train_run(
         return key
 
     from locdiff_core.checkpoint import CheckpointError
-    from locdiff_core.train import _distributed
+    from locdiff_core.train import distributed_rank_world
 
-    rank, world = _distributed()
+    rank, world = distributed_rank_world()
     # one trainer per run key at a time (a DDP launch is one trainer: its ranks do not take the lease)
     on_wait = lambda owner: log.info("run %s is being trained by %s; waiting for it", key, owner)  # noqa: E731
     lease = Lease(store, key, on_wait=on_wait) if world == 1 else nullcontext()

@@ -85,7 +85,7 @@ def read_codes(
 
 def build_targets(store: Store, embeddings_key: str, max_degree: int, dtype: str = "float32") -> str:
     """Cache SHDD codes for every embedding part (same parts, same row order); returns the key."""
-    from locdiff.stages.embeddings import _array_relpath_of, embedding_parts
+    from locdiff.stages.embeddings import array_relpath_of, embedding_parts
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -93,7 +93,7 @@ def build_targets(store: Store, embeddings_key: str, max_degree: int, dtype: str
 
     def build(w: ArtifactWriter) -> None:
         for rel in embedding_parts(store, embeddings_key):
-            arr_rel = _array_relpath_of(rel, "code")
+            arr_rel = array_relpath_of(rel, "code")
             if w.part_done(rel) and w.part_done(arr_rel):
                 continue
             t = store.read_table(embeddings_key, rel, columns=["image_id", "lat", "lon", "split"])

@@ -12,8 +12,8 @@ from PIL import Image
 
 from locdiff.encoders import (
     ImagePreprocess,
-    _efficientnet_weights_path,
     build_efficientnet_lite0,
+    efficientnet_weights_path,
     load_encoder,
 )
 from locdiff.errors import UserError
@@ -28,7 +28,7 @@ def lite0():
 
 
 def test_fast_lite0_equals_timm_tf_reference(lite0):
-    sd = torch.load(_efficientnet_weights_path(), map_location="cpu", weights_only=True)
+    sd = torch.load(efficientnet_weights_path(), map_location="cpu", weights_only=True)
     ref = build_efficientnet_lite0(sd, fast=False)
     for size in (128, 97):  # even sizes take asymmetric TF padding, odd ones symmetric
         x = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8)
@@ -45,7 +45,7 @@ def test_lite0_weights_are_real_imagenet_weights(lite0):
     with Image.open(photo) as im:
         x = ImagePreprocess(224)(im)
     feats = lite0(x[None])  # [1, 1280]
-    sd = torch.load(_efficientnet_weights_path(), map_location="cpu", weights_only=True)
+    sd = torch.load(efficientnet_weights_path(), map_location="cpu", weights_only=True)
     w, b = list(sd.values())[-2:]  # the classifier, stored last
     logits = feats @ w.T + b
     assert int(logits.argmax()) == MILITARY_UNIFORM
@@ -91,7 +91,7 @@ def test_bad_names_tags_and_files_are_user_errors(tmp_path):
 
 
 def test_lite0_from_local_checkpoint_matches_packaged(tmp_path, lite0):
-    sd = torch.load(_efficientnet_weights_path(), map_location="cpu", weights_only=True)
+    sd = torch.load(efficientnet_weights_path(), map_location="cpu", weights_only=True)
     path = tmp_path / "lite0.pth"
     torch.save({"state_dict": sd}, path)
     enc = load_encoder("efficientnet-lite0", checkpoint=str(path))

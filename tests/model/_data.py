@@ -2,8 +2,8 @@
 
 import torch
 
+from locdiff_core.data import GeoEmbeddings
 from locdiff_core.sphere import latlon_to_xyz, sample_uniform
-from locdiff_core.train import GeoEmbeddings
 
 
 def location_embeddings(n: int, dim: int = 32, noise: float = 0.05, seed: int = 0) -> GeoEmbeddings:

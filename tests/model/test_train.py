@@ -5,9 +5,10 @@ import torch
 
 from locdiff_core.checkpoint import check_compatible, from_bytes, to_bytes
 from locdiff_core.config import get_preset
+from locdiff_core.data import GeoEmbeddings
 from locdiff_core.sampling import Predictor
 from locdiff_core.sphere import haversine_km
-from locdiff_core.train import GeoEmbeddings, ema_decay_at, lr_at, train
+from locdiff_core.train import ema_decay_at, lr_at, train
 
 from ._data import location_embeddings
 

@@ -14,7 +14,7 @@ from locdiff.stages.embeddings import (
     open_embeddings,
     synth_embeddings,
 )
-from locdiff.stages.runs import _load_geo_in_memory, load_geo, resolve_config
+from locdiff.stages.runs import load_geo, load_geo_in_memory, resolve_config
 from locdiff.stages.targets import build_targets, load_targets
 from locdiff.storage import Store
 from locdiff_core.data import BatchSampler
@@ -76,7 +76,7 @@ def test_device_resident_copy_and_in_memory_load_train_identically(synth):
     runs = [
         train(config, mapped).checkpoint,
         train(config, mapped, data_device="cpu").checkpoint,
-        train(config, _load_geo_in_memory(store, key, "train", tkey)).checkpoint,
+        train(config, load_geo_in_memory(store, key, "train", tkey)).checkpoint,
     ]
     for other in runs[1:]:
         for name, w in runs[0]["model"].items():
