@@ -471,26 +471,32 @@ def load_embeddings(
     return t["image_id"].to_pylist(), emb, lat, lon
 
 
-def _load_from_arrays(store: Store, key: str, splits: set | None, dim: int):
-    """``load_embeddings`` from the mapped arrays: one float32 output, filled part by part (no Arrow
-    concatenation, no per-part float32 temporaries beyond one part's selected rows)."""
+def _selection(store: Store, key: str, parts: list[str], splits: set | None):
+    """Per part, the image ids and the row mask (None: every row) of the rows of ``splits``."""
     import pyarrow.compute as pc
 
-    parts = embedding_parts(store, key)
     ids, masks, present = [], [], set()
     for rel in parts:
         t = store.read_table(key, rel, columns=["image_id", "split"])
         if splits is None:
-            mask = None
-            ids.extend(t["image_id"].to_pylist())
-        else:
-            present.update(pc.unique(t["split"]).to_pylist())
-            m = pc.is_in(t["split"], value_set=pa.array(sorted(splits), pa.string()))
-            mask = m.to_numpy(zero_copy_only=False)
-            ids.extend(t.filter(m)["image_id"].to_pylist())
-        masks.append(mask)
-    if splits is not None and not ids:
+            masks.append(None)
+            ids.append(t["image_id"].to_pylist())
+            continue
+        present.update(pc.unique(t["split"]).to_pylist())
+        m = pc.is_in(t["split"], value_set=pa.array(sorted(splits), pa.string()))
+        masks.append(m.to_numpy(zero_copy_only=False))
+        ids.append(t.filter(m)["image_id"].to_pylist())
+    if splits is not None and not any(ids):
         raise LookupError(f"no embeddings of split(s) {sorted(splits)} in {key}; it has {sorted(present)}")
+    return ids, masks
+
+
+def _load_from_arrays(store: Store, key: str, splits: set | None, dim: int):
+    """``load_embeddings`` from the mapped arrays: one float32 output, filled part by part (no Arrow
+    concatenation, no per-part float32 temporaries beyond one part's selected rows)."""
+    parts = embedding_parts(store, key)
+    part_ids, masks = _selection(store, key, parts, splits)
+    ids = [i for p in part_ids for i in p]
     n = len(ids)
     emb = torch.empty((n, dim), dtype=torch.float32)
     lat = torch.empty(n, dtype=torch.float64)
@@ -505,6 +511,63 @@ def _load_from_arrays(store: Store, key: str, splits: set | None, dim: int):
         maps.release()
         o += k
     return ids, emb, lat, lon
+
+
+def iter_embeddings(store: Store, key: str, split: str | list[str] | None = None, block_rows: int = 1 << 16):
+    """``load_embeddings`` a block at a time, for readers that must not hold a whole split (evaluation):
+    ``(n_rows, blocks)`` where ``blocks`` yields ``(image_ids, emb float32 [b, dim], lat float64 [b],
+    lon float64 [b])`` numpy blocks of exactly ``block_rows`` rows (the last one shorter), in
+    ``load_embeddings`` order. Rows are read from the memory-mapped arrays; only the ids and one block
+    are in memory. An artifact without arrays (an older locdiff) is loaded whole, then cut."""
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    splits = None if split is None else ({split} if isinstance(split, str) else set(split))
+    if not has_arrays(store, key):
+        ids, emb, lat, lon = load_embeddings(store, key, split)
+        cut = range(0, len(ids), block_rows)
+        return len(ids), (
+            (
+                ids[s : s + block_rows],
+                emb[s : s + block_rows].numpy(),
+                lat[s : s + block_rows].numpy(),
+                lon[s : s + block_rows].numpy(),
+            )
+            for s in cut
+        )
+    parts = embedding_parts(store, key)
+    part_ids, masks = _selection(store, key, parts, splits)
+
+    def blocks():
+        maps, pieces, have = MappedArrays(store), [], 0
+        for rel, ids, mask in zip(parts, part_ids, masks, strict=True):
+            if not ids:
+                continue
+            cols = {c: maps.open(key, array_relpath_of(rel, c)) for c in ARRAY_COLUMNS}
+            rows = np.arange(len(ids)) if mask is None else np.nonzero(mask)[0]
+            pos = 0
+            while pos < len(rows):
+                take = rows[pos : pos + block_rows - have]
+                pieces.append((ids[pos : pos + len(take)], *(cols[c][take] for c in ARRAY_COLUMNS)))
+                pos, have = pos + len(take), have + len(take)
+                if have == block_rows:
+                    yield _join_pieces(pieces)
+                    pieces, have = [], 0
+            maps.release()
+        if pieces:
+            yield _join_pieces(pieces)
+
+    return sum(len(p) for p in part_ids), blocks()
+
+
+def _join_pieces(pieces: list[tuple]) -> tuple:
+    ids = [i for p in pieces for i in p[0]]
+    emb, lat, lon = (np.concatenate([p[j] for p in pieces]) for j in (1, 2, 3))
+    return (
+        ids,
+        emb.astype(np.float32, copy=False),
+        lat.astype(np.float64, copy=False),
+        lon.astype(np.float64, copy=False),
+    )
 
 
 # --------------------------------------------------------------------------------------------- mapping

@@ -29,6 +29,7 @@ _BASELINE_KINDS = {
     "classification": "classification",
 }
 BASELINES = ("most-common-region",)  # the default: free to compute
+EVAL_BLOCK_ROWS = 1 << 16  # rows of a split predicted at a time (rounded down to whole inference batches)
 
 
 def _predictions_schema():
@@ -49,15 +50,17 @@ def _predictions_schema():
 PREDICTIONS_SCHEMA = _predictions_schema()
 
 
-def _baseline_predictions(kind: str, store, train_emb_key: str, emb: np.ndarray) -> dict[str, np.ndarray]:
-    """Train (cheaply) one of locdiff_core.baselines on the run's training split and predict `emb`."""
-    import torch
-
+def _fit_baseline(kind: str, store, train_emb_key: str):
+    """Train (cheaply) one of locdiff_core.baselines on the run's training split."""
     from locdiff.stages.runs import load_geo
     from locdiff_core.baselines import train_baseline
 
-    train_data = load_geo(store, train_emb_key, "train")
-    model = train_baseline(_BASELINE_KINDS[kind], train_data)
+    return train_baseline(_BASELINE_KINDS[kind], load_geo(store, train_emb_key, "train"))
+
+
+def _baseline_predictions(model, emb: np.ndarray) -> dict[str, np.ndarray]:
+    import torch
+
     with torch.no_grad():
         lat, lon = model.predict(torch.from_numpy(emb))
     return {"pred_lat": lat.double().numpy(), "pred_lon": lon.double().numpy(), "score": np.ones(len(emb))}
@@ -92,7 +95,7 @@ def evaluate_run(
 
     ``retrieval_key``: a retrieval index (``locdiff.stages.retrieval``) built from the run's training
     split: adds the ``locdiff-h`` and ``retrieval-1nn`` methods."""
-    from locdiff.stages.embeddings import load_embeddings
+    from locdiff.stages.embeddings import iter_embeddings
     from locdiff.stages.runs import load_predictor, predict_embeddings
 
     unknown = sorted(set(baselines) - set(_BASELINE_KINDS))
@@ -111,31 +114,45 @@ def evaluate_run(
     ]
 
     def build(w) -> None:
+        import torch
+
         from locdiff.stages.retrieval import load_index
 
-        ids, emb_t, lat_t, lon_t = load_embeddings(store, embeddings_key, split)
-        emb, lat, lon = emb_t.numpy(), lat_t.numpy(), lon_t.numpy()
         predictor = load_predictor(store, run_key)
         index = load_index(store, retrieval_key) if retrieval_key else None
-        out = predict_embeddings(predictor, emb, seed, progress, retrieval=index)
-        methods: dict[str, dict[str, np.ndarray]] = {"locdiff": out}
-        if index is not None:
-            ones = np.ones(len(emb))
-            methods["locdiff-h"] = {
-                "pred_lat": out["hybrid_lat"],
-                "pred_lon": out["hybrid_lon"],
-                "score": ones,
-            }
-            methods["retrieval-1nn"] = {
-                "pred_lat": out["nn_lat"],
-                "pred_lon": out["nn_lon"],
-                "score": out["nn_sim"],
-            }
         train_emb_key = run_man.get("embeddings") or embeddings_key
-        for kind in baselines:
-            methods[kind] = _baseline_predictions(kind, store, train_emb_key, emb)
+        fitted = {kind: _fit_baseline(kind, store, train_emb_key) for kind in baselines}
+        # the split is read and predicted a block at a time (memory bounded by the block, not the split);
+        # one generator across blocks of whole inference batches = the draws of one call on the split
+        batch = max(1, predictor.config.infer.batch_size)
+        n, blocks = iter_embeddings(store, embeddings_key, split, batch * max(1, EVAL_BLOCK_ROWS // batch))
+        gen = torch.Generator().manual_seed(seed)
+        ids, lat, lon, parts, done = [], [], [], [], 0
+        for b_ids, emb, b_lat, b_lon in blocks:
+            tick = (lambda d, _t, o=done: progress(o + d, n)) if progress else None
+            out = predict_embeddings(predictor, emb, progress=tick, retrieval=index, generator=gen)
+            methods: dict[str, dict[str, np.ndarray]] = {"locdiff": out}
+            if index is not None:
+                methods["locdiff-h"] = {
+                    "pred_lat": out["hybrid_lat"],
+                    "pred_lon": out["hybrid_lon"],
+                    "score": np.ones(len(emb)),
+                }
+                methods["retrieval-1nn"] = {
+                    "pred_lat": out["nn_lat"],
+                    "pred_lon": out["nn_lon"],
+                    "score": out["nn_sim"],
+                }
+            for kind, model in fitted.items():
+                methods[kind] = _baseline_predictions(model, emb)
+            ids += b_ids
+            lat.append(b_lat)
+            lon.append(b_lon)
+            parts.append(methods)
+            done += len(b_ids)
+        methods = {m: {c: np.concatenate([p[m][c] for p in parts]) for c in parts[0][m]} for m in parts[0]}
         calib = _val_calibration(store, predictor, train_emb_key, seed)
-        _write(w, run_key, dataset, split, ids, lat, lon, methods, calib)
+        _write(w, run_key, dataset, split, ids, np.concatenate(lat), np.concatenate(lon), methods, calib)
 
     return get_or_build(store, STAGE, f"{run_name}/{dataset}", cfg, upstream, build)
 

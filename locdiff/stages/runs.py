@@ -127,7 +127,7 @@ def load_predictor(store: Store, run_key: str, device: str | None = None):
 
 
 def predict_embeddings(
-    predictor, emb: np.ndarray, seed: int = 0, progress=None, retrieval=None
+    predictor, emb: np.ndarray, seed: int = 0, progress=None, retrieval=None, generator=None
 ) -> dict[str, np.ndarray]:
     """Predict image embeddings ``[N, E]`` in chunks of ``infer.batch_size``: per image the point
     estimate (``pred_lat``, ``pred_lon``, ``score``), the top-k modes (``modes_lat``/``_lon``/``_mass``
@@ -136,11 +136,12 @@ def predict_embeddings(
     ``infer.radius50_scale``/``radius90_scale``). With a ``retrieval`` index
     (``locdiff.stages.retrieval.RetrievalIndex``) also LocDiff-H (``hybrid_lat``, ``hybrid_lon``,
     ``hybrid_from_gallery``) and the nearest gallery image (``nn_lat``, ``nn_lon``, ``nn_sim``).
-    Evaluation, ``locdiff predict`` and serving all use this."""
+    Evaluation, ``locdiff predict`` and serving all use this. ``generator`` (instead of ``seed``) carries
+    the random state across calls, so consecutive blocks of whole batches draw what one call would."""
     import torch
 
     inf = predictor.config.infer
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     chunk = max(1, inf.batch_size)
     outs = []
     emb_t = torch.from_numpy(np.ascontiguousarray(emb))

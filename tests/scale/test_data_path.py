@@ -10,6 +10,7 @@ import torch
 from locdiff.stages.embeddings import (
     SYNTHETIC_NOTE,
     embedding_parts,
+    iter_embeddings,
     load_embeddings,
     open_embeddings,
     synth_embeddings,
@@ -97,3 +98,44 @@ def test_synth_command(tmp_path):
     assert key.startswith("embeddings/cli/synthetic/")
     man = Store.from_uri(str(tmp_path)).manifest(key)
     assert man["rows"] == 50 and man["dim"] == 8 and man["synthetic"] is True
+
+
+@pytest.mark.parametrize("split", [None, "test"])
+def test_iter_embeddings_blocks_are_load_embeddings_cut(synth, split):
+    """Evaluation's reader: blocks of exactly block_rows rows across part boundaries, same rows and order."""
+    store, key = synth
+    ids, emb, lat, lon = load_embeddings(store, key, split)
+    for block in (1, 37, 128, 10_000):
+        n, blocks = iter_embeddings(store, key, split, block)
+        got = list(blocks)
+        assert n == len(ids) and [len(b[0]) for b in got[:-1]] == [block] * (len(got) - 1)
+        assert 0 < len(got[-1][0]) <= block
+        assert [i for b in got for i in b[0]] == ids
+        assert np.array_equal(np.concatenate([b[1] for b in got]), emb.numpy())
+        assert got[0][1].dtype == np.float32 and got[0][2].dtype == np.float64
+        assert np.array_equal(np.concatenate([b[2] for b in got]), lat.numpy())
+        assert np.array_equal(np.concatenate([b[3] for b in got]), lon.numpy())
+    with pytest.raises(LookupError, match="no embeddings of split"):
+        iter_embeddings(store, key, "nope")
+
+
+def test_evaluation_in_blocks_equals_one_block(synth, monkeypatch):
+    """Evaluation reads its split a block at a time: blocks of whole inference batches predict what one
+    block does (one generator across blocks), so the block size changes memory, not results."""
+    import locdiff.stages.evals as evals
+    from locdiff.stages.runs import train_run
+    from tests.flows.conftest import run_inputs, tiny_config
+
+    store, key = synth
+    config = tiny_config(embed_dim=16, max_steps=4, batch_size=32)
+    config = config.replace(infer={"batch_size": 16})
+    run = train_run(store, key, config, **run_inputs(store.root, key, config), name="blocks")
+    tables = []
+    n_test = len(load_embeddings(store, key, "test")[0])
+    for block_rows in (1 << 16, 16):  # the whole split at once, then blocks of one inference batch
+        monkeypatch.setattr(evals, "EVAL_BLOCK_ROWS", block_rows)
+        ev = evals.evaluate_run(store, run, key, split="test", baselines=["most-common-region"])
+        tables.append(store.read_table(ev, "predictions.parquet"))
+        store.delete(ev)
+    assert n_test > 16 and tables[0].num_rows == 2 * n_test
+    assert repr(tables[0].to_pylist()) == repr(tables[1].to_pylist())  # exact floats, NaN equal to NaN
