@@ -337,9 +337,21 @@ class Store:
         """Path, in ``self.fs`` terms, of the file a manifest entry (``manifest(key)["files"][i]``) names."""
         return self._p(key, entry["path"])
 
-    def fspath(self, key: str, relpath: str) -> str:
-        """Path of a committed file in ``self.fs`` terms (what ``store.fs.open`` takes)."""
-        return self._p(key, self._entry(key, relpath)["path"])
+    def fspath(self, key: str, relpath: str, *, verify: bool = True) -> str:
+        """Path of a committed file in ``self.fs`` terms (what ``store.fs.open`` takes), for readers that
+        map or open the file themselves: first hashed whole against the manifest's sha256 (one pass, once
+        per file and store object; a mismatch raises :class:`ChecksumMismatchError`) unless ``verify=False``.
+        """
+        entry = self._entry(key, relpath)
+        path = self._p(key, entry["path"])
+        if verify and (path, entry["sha256"]) not in self._verified:
+            digest, n = hash_file(self.fs, path)
+            if n != int(entry["size"]):
+                raise ChecksumMismatchError(key, relpath, f"{n} bytes, the manifest says {entry['size']}")
+            if digest != entry["sha256"]:
+                raise ChecksumMismatchError(key, relpath, "its sha256 differs from the manifest's")
+            self._verified.add((path, entry["sha256"]))
+        return path
 
     def open(self, key: str, relpath: str, mode: str = "rb", *, verify: bool = True):
         """Open a committed file for reading, checked against the manifest's sha256 as it is read.

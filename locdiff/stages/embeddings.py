@@ -588,7 +588,7 @@ class MappedArrays:
 
     def _local_path(self, key: str, relpath: str) -> str:
         if self.store.is_local:
-            return self.store.fspath(key, relpath)
+            return self.store.fspath(key, relpath)  # checked whole once, then mapped
         import shutil
 
         entry = next(f for f in self.store.manifest(key)["files"] if f["relpath"] == relpath)

@@ -162,3 +162,17 @@ def test_s3_tampered_object_is_refused(s3_store):
     fresh = Store.from_uri(store.url)
     with pytest.raises(ChecksumMismatchError, match=f"artifact {key}, part blob.bin fails its checksum"):
         fresh.read_bytes(key, "blob.bin")
+
+
+def test_mapped_arrays_are_checked_before_they_are_mapped(store):
+    """Training and evaluation map the .npy arrays instead of reading them: a tampered array is refused
+    when opened, naming artifact and part."""
+    from locdiff.stages.embeddings import iter_embeddings, open_embeddings, synth_embeddings
+
+    key = synth_embeddings(store, "chk", rows=300, dim=8, seed=0, part_rows=100)
+    fresh = Store.from_uri(store.root)
+    assert len(open_embeddings(fresh, key, "train")) > 0
+    _flip(Path(fresh.fspath(key, "arrays/part-00001.emb.npy", verify=False)), at=500)
+    for opener in (open_embeddings, lambda s, k, sp: list(iter_embeddings(s, k, sp)[1])):
+        with pytest.raises(ChecksumMismatchError, match=r"arrays/part-00001\.emb\.npy fails its checksum"):
+            opener(Store.from_uri(store.root), key, "train")
