@@ -947,6 +947,31 @@ class LeaseTimeoutError(UserError):
     """Another live process holds the build of this key for longer than we were asked to wait."""
 
 
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _holder_died(body: dict) -> bool:
+    """True only when a lease's holder provably died: it ran on this host, in this pid namespace, and
+    its pid no longer exists. Anything else (another host or container, a recycled or foreign pid, no
+    /proc) counts as alive, and its lease is honoured until it expires."""
+    pid, ns = body.get("pid"), body.get("pidns")
+    if body.get("host") != os.uname().nodename or ns is None or ns != _pid_namespace():
+        return False
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. PermissionError: the pid exists (another user's process)
+        return False
+    return False
+
+
 class Lease:
     """One builder per key at a time: ``with Lease(store, key) as lease: ...``.
 
@@ -954,8 +979,10 @@ class Lease:
     while the block runs; the file is removed on exit. A second process asking for the same key waits
     while the lease is live and (a) returns as soon as the key is committed (``committed`` is then
     True: reuse it, do not rebuild), or (b) takes the lease over once it has expired — its holder
-    crashed — and builds, resuming from the parts the holder committed. Taking over is a write followed
-    by a read-back after a settle delay, so of two racing takers exactly one proceeds.
+    crashed — and builds, resuming from the parts the holder committed. A holder that provably died
+    (same host and pid namespace, its pid gone: a SIGKILL, an OOM kill) is taken over at once instead of
+    after its expiry. Taking over is a write followed by a read-back after a settle delay, so of two
+    racing takers exactly one proceeds.
     """
 
     def __init__(
@@ -989,12 +1016,24 @@ class Lease:
         return data if isinstance(data, dict) else None
 
     def _write(self) -> None:
-        body = {"owner": self.owner, "expires": time.time() + self.ttl_s, "ttl_s": self.ttl_s}
+        body = {
+            "owner": self.owner,
+            "expires": time.time() + self.ttl_s,
+            "ttl_s": self.ttl_s,
+            "host": os.uname().nodename,
+            "pidns": _pid_namespace(),
+            "pid": os.getpid(),
+        }
         self.store._atomic_put(self._path, json.dumps(body).encode())
 
     def _try_take(self) -> bool:
         cur = self._read()
-        if cur is not None and cur.get("owner") != self.owner and cur.get("expires", 0) > time.time():
+        if (
+            cur is not None
+            and cur.get("owner") != self.owner
+            and cur.get("expires", 0) > time.time()
+            and not _holder_died(cur)
+        ):
             return False
         self._write()
         time.sleep(min(1.0, self.poll_s / 2))  # settle: a racing taker's write lands before we read back

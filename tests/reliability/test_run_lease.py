@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from locdiff.storage import LEASE, Store
 from tests.flows.conftest import run_inputs, synthetic_embeddings, tiny_config
 
@@ -73,18 +75,51 @@ def test_second_trainer_waits_for_a_live_holder_and_reuses_its_run(tmp_path):
     assert not list(Path(store.root).glob(f"runs/*/*/{LEASE}"))  # released
 
 
-def test_a_crashed_holders_lease_expires_and_the_next_trainer_resumes(tmp_path):
+@pytest.mark.parametrize("holder", ["elsewhere", "here"])
+def test_a_crashed_holders_lease_is_taken_over_and_the_next_trainer_resumes(tmp_path, holder):
+    """A holder on another host (or container) is honoured until its lease expires; one that provably
+    died on this host (its pid is gone) is taken over at once. Either way the next trainer resumes."""
     uri, emb, store = _setup(tmp_path)
     first = _start(uri, emb, "runs:part-committed@2", ttl=20)  # SIGKILLed after the step-20 checkpoint
     first.communicate(timeout=300)
     assert first.returncode == -9
     (lease,) = Path(store.root).glob(f"runs/*/*/{LEASE}")  # the dead holder's lease is still there
-    expires = json.loads(lease.read_text())["expires"]
+    body = json.loads(lease.read_text())
+    assert body["pid"] == first.pid and body["host"] == os.uname().nodename
+    if holder == "elsewhere":
+        lease.write_text(json.dumps({**body, "host": "another-host"}))
     second = _start(uri, emb, None, ttl=20)
     out, err = second.communicate(timeout=300)
     assert second.returncode == 0, err[-2000:]
     key = out.strip().splitlines()[-1]
     resumed_at = float(next(ln for ln in err.splitlines() if "resuming run" in ln).split()[0])
-    assert resumed_at >= expires  # it did not start while the dead holder's lease was live
+    if holder == "elsewhere":
+        assert resumed_at >= body["expires"]  # it did not start while that holder's lease was live
+    else:
+        assert resumed_at < body["expires"]  # the holder's pid is gone here: no wait for the expiry
     assert store.manifest(key)["start_step"] == 20  # resumed from the dead holder's checkpoint
     assert store.verify(key) == []
+
+
+def test_only_a_provably_dead_holder_is_taken_over_before_expiry(tmp_path):
+    from locdiff.storage import Lease
+
+    store = Store.from_uri("file://" + str(tmp_path / "store"))
+    key = store.key("runs", "lease", "1", {})
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    gone = int(done.stdout)  # a pid of this host that no longer exists
+    here = {"host": os.uname().nodename, "pidns": os.readlink("/proc/self/ns/pid")}
+    path = Path(store.root) / key / LEASE
+    path.parent.mkdir(parents=True)
+    for holder, taken in [
+        ({**here, "pid": gone}, True),
+        ({**here, "pid": os.getpid()}, False),  # alive (this process)
+        ({**here, "pid": gone, "host": "another-host"}, False),
+        ({**here, "pid": gone, "pidns": "pid:[1]"}, False),  # another container's pid namespace
+        ({"pid": gone}, False),  # a lease written before leases named their host
+    ]:
+        expires = time.time() + 1.5
+        path.write_text(json.dumps({"owner": f"x:{holder['pid']}:t", "expires": expires, **holder}))
+        with Lease(store, key, ttl_s=60, poll_s=0.1):
+            took_at = time.time()
+        assert (took_at < expires) == taken, holder
