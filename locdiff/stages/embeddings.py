@@ -577,6 +577,20 @@ def _mmap_cache_dir() -> str:
     return os.environ.get("LOCDIFF_MMAP_CACHE") or os.path.join(tempfile.gettempdir(), "locdiff-mmap")
 
 
+def _drop_page_cache(path: str) -> None:
+    """Drop a file's clean pages from the OS page cache (Linux; elsewhere a no-op). The checksum pass
+    reads the file with read-ahead, which leaves it cached in large folios, and a fault on one mapped row
+    would then map a whole folio into the process: a random-access run's resident set would grow with
+    the table (measured: +37 % peak RSS from 10^5 to 10^6 rows). Dropped, rows fault in 4 KiB pages."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 class MappedArrays:
     """Opens the ``.npy`` files of store artifacts as read-only memory maps; :meth:`release` drops the
     pages the maps have touched from this process (they stay in the OS page cache), which keeps the
@@ -588,7 +602,9 @@ class MappedArrays:
 
     def _local_path(self, key: str, relpath: str) -> str:
         if self.store.is_local:
-            return self.store.fspath(key, relpath)  # checked whole once, then mapped
+            path = self.store.fspath(key, relpath)  # checked whole (once per store object), then mapped
+            _drop_page_cache(path)
+            return path
         import shutil
 
         entry = next(f for f in self.store.manifest(key)["files"] if f["relpath"] == relpath)
