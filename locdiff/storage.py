@@ -345,13 +345,18 @@ class Store:
         entry = self._entry(key, relpath)
         path = self._p(key, entry["path"])
         if verify and (path, entry["sha256"]) not in self._verified:
-            digest, n = hash_file(self.fs, path)
-            if n != int(entry["size"]):
-                raise ChecksumMismatchError(key, relpath, f"{n} bytes, the manifest says {entry['size']}")
-            if digest != entry["sha256"]:
-                raise ChecksumMismatchError(key, relpath, "its sha256 differs from the manifest's")
-            self._verified.add((path, entry["sha256"]))
+            self._check_whole(key, entry, path)
         return path
+
+    def _check_whole(self, key: str, entry: dict, path: str) -> None:
+        """Hash a committed file whole against its manifest entry; remember it as verified."""
+        digest, n = hash_file(self.fs, path)
+        rel = entry["relpath"]
+        if n != int(entry["size"]):
+            raise ChecksumMismatchError(key, rel, f"{n} bytes, the manifest says {entry['size']}")
+        if digest != entry["sha256"]:
+            raise ChecksumMismatchError(key, rel, "its sha256 differs from the manifest's")
+        self._verified.add((path, entry["sha256"]))
 
     def open(self, key: str, relpath: str, mode: str = "rb", *, verify: bool = True):
         """Open a committed file for reading, checked against the manifest's sha256 as it is read.
@@ -538,14 +543,11 @@ class _CheckedReader(io.RawIOBase):
         self._store._verified.add((self._path, self._entry["sha256"]))
 
     def _verify_whole(self) -> None:
-        digest, n = hash_file(self._store.fs, self._path)
-        if n != self._size:
-            self._fail(f"{n} bytes, the manifest says {self._size}")
         self._h = hashlib.sha256()
-        if digest != self._entry["sha256"]:
-            self._fail("its sha256 differs from the manifest's")
-        self._done = True
-        self._store._verified.add((self._path, self._entry["sha256"]))
+        try:
+            self._store._check_whole(self._key, self._entry, self._path)
+        finally:
+            self._done = True  # checked (or reported) once
 
     def readable(self) -> bool:
         return True
