@@ -5,7 +5,11 @@ For every degree L (default 16/32/64/128) and N points (default 100,000) it firs
 for finiteness and agreement with ours (per-degree sums of squares, which do not depend on a library's
 ordering or sign convention, on the first 2,000 points), then times (best of 3, after a warm-up call):
 
-* ours: ``real_sph_harm`` with float32 output (what the decoder, the KL loss and the anchor sets use);
+* ours: ``real_sph_harm`` with float32 output (what the decoder, the KL loss and the anchor sets use),
+  called again and again as the KL loss does: from the second call on, the freed result's mapping is
+  reused (its pages are already faulted in);
+* ours-fresh: the same with ``LOCDIFF_SH_REUSE_BYTES=0``, so every call writes fresh pages that the OS
+  must zero-fill first (what a single call pays, and what sphericart and write-new pay on every call);
 * ours-torch: the torch degree loop that still serves autograd and CUDA (the implementation before the
   fused kernel), with ``--torch-loop``;
 * sphericart-f64 and sphericart-f32: ``sphericart.SphericalHarmonics(L).compute`` on float64 / float32
@@ -134,8 +138,8 @@ def main() -> None:
     )
     clock = "CPU time" if args.cpu_time else "wall time"
     print(f"up to {n:,} points, float32 output, {args.threads} threads, {clock}; points/s (ours / other)")
-    cols = ["ours", "ours-torch", "sph-f64", "sph-f32", "scipy", "write-new", "write-reuse"]
-    cols += ["/torch", "/sph-f64", "/scipy", "/write-new", "/reuse"]
+    cols = ["ours", "ours-fresh", "ours-torch", "sph-f64", "sph-f32", "scipy", "write-new", "write-reuse"]
+    cols += ["/torch", "/sph-f64", "fresh/sph64", "/scipy", "/write-new", "/reuse"]
     print(f"{'L':>4} {'points':>8} " + " ".join(f"{c:>11}" for c in cols))
     notes = []
     lat_all, lon_all, xyz64_all = lat, lon, xyz64
@@ -153,6 +157,11 @@ def main() -> None:
         assert err < 1e-5, f"L={L}: ours disagrees with scipy (rel. error {err:.1e})"
         t_ours = best_of(lambda L=L, a=lat, b=lon: real_sph_harm(a, b, L))
         rates = {"ours": n / t_ours}
+        os.environ["LOCDIFF_SH_REUSE_BYTES"] = "0"
+        try:
+            rates["ours-fresh"] = n / best_of(lambda L=L, a=lat, b=lon: real_sph_harm(a, b, L))
+        finally:
+            del os.environ["LOCDIFF_SH_REUSE_BYTES"]
         if args.torch_loop:
             os.environ["LOCDIFF_SH_BACKEND"] = "torch"
             saved, harmonics._kernels_module = harmonics._kernels_module, None
@@ -182,10 +191,12 @@ def main() -> None:
                 return f"{'-':>11}"
             return f"{v:>11.2f}" if ratio else f"{v:>11,.0f}"
 
-        row = [fmt(rates.get(c)) for c in cols[:7]]
-        for c in ("ours-torch", "sph-f64", "scipy", "write-new", "write-reuse"):
+        row = [fmt(rates.get(c)) for c in cols[:8]]
+        pairs = [("ours", "ours-torch"), ("ours", "sph-f64"), ("ours-fresh", "sph-f64"), ("ours", "scipy"),
+                 ("ours", "write-new"), ("ours", "write-reuse")]
+        for mine, c in pairs:
             other = rates.get(c)
-            row.append(fmt(rates["ours"] / other if other else None, ratio=True))
+            row.append(fmt(rates[mine] / other if other else None, ratio=True))
         print(f"{L:>4} {n:>8,} " + " ".join(row))
     for line in notes:
         print("  " + line)

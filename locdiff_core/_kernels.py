@@ -145,13 +145,17 @@ def _block(lat_deg, lon_deg, L, a_tab, ab_tab, k_tab, log2_seed, work, dst, r0, 
         if store:
             for w in range(W):
                 dst[r0 + w, base] = p2[0, w]
+            # unsigned columns: a signed base - m would get numba's negative-index wraparound on every
+            # store (a sign test and an add per element, ~10 % of the whole kernel)
+            ub = numba.uint64(base)
             for m in range(1, mlim):
                 v = _ld(p2, m)
                 c = _ld(cs, m)
                 t = _ld(sn, m)
+                um = numba.uint64(m)
                 for w in range(W):
-                    dst[r0 + w, base + m] = v[w] * c[w]
-                    dst[r0 + w, base - m] = v[w] * t[w]
+                    dst[r0 + w, ub + um] = v[w] * c[w]
+                    dst[r0 + w, ub - um] = v[w] * t[w]
         else:  # per-order sums over the degree; the longitude factors are applied once at the end
             for m in range(mlim):
                 cp = coef[base + m]

@@ -174,3 +174,48 @@ def test_evaluate_at_points_matches_basis_contraction():
     got = evaluate_at_points(coeffs, lat, lon)
     want = torch.einsum("bpd,bd->bp", real_sph_harm(lat, lon, L), coeffs)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _large_basis(seed: int, n: int = 2048, L: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float32 basis above the size from which results get their own (reusable) mapping: 35 MB."""
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.rand(n, generator=g) * 180 - 90
+    lon = torch.rand(n, generator=g) * 360 - 180
+    return lat, lon, real_sph_harm(lat, lon, L)
+
+
+def test_freed_results_mapping_is_reused_and_a_live_one_never_is(monkeypatch):
+    from locdiff_core import harmonics as H
+
+    monkeypatch.setenv("LOCDIFF_SH_REUSE_BYTES", str(1 << 30))
+    monkeypatch.setattr(H, "_output_pool", H._OutputPool())
+    _, _, y = _large_basis(0)
+    ptr = y.data_ptr()
+    del y  # its mapping goes back to the pool, marked MADV_FREE
+    assert H._output_pool.kept_bytes() >= 2048 * 65**2 * 4
+    lat, lon, y2 = _large_basis(1)
+    assert y2.data_ptr() == ptr and H._output_pool.kept_bytes() == 0
+    # a reused mapping holds exactly what a fresh one would
+    monkeypatch.setenv("LOCDIFF_SH_REUSE_BYTES", "0")
+    fresh = real_sph_harm(lat, lon, 64)
+    assert torch.equal(y2, fresh)
+    # while a result (or a view of it) is alive its memory is never handed out again
+    monkeypatch.setenv("LOCDIFF_SH_REUSE_BYTES", str(1 << 30))
+    row = y2[100]  # a view keeps the whole mapping alive
+    del y2, fresh
+    _, _, y3 = _large_basis(2)
+    assert y3.data_ptr() != ptr and row.data_ptr() == ptr + 100 * 65**2 * 4
+    assert torch.equal(row, real_sph_harm(lat[100:101], lon[100:101], 64)[0])
+
+
+def test_reuse_limit_zero_keeps_nothing_and_bad_values_are_named(monkeypatch):
+    from locdiff_core import harmonics as H
+
+    monkeypatch.setattr(H, "_output_pool", H._OutputPool())
+    monkeypatch.setenv("LOCDIFF_SH_REUSE_BYTES", "0")
+    _, _, y = _large_basis(0)
+    del y
+    assert H._output_pool.kept_bytes() == 0
+    monkeypatch.setenv("LOCDIFF_SH_REUSE_BYTES", "4GB")
+    with pytest.raises(ValueError, match="LOCDIFF_SH_REUSE_BYTES must be a whole number of bytes"):
+        H._OutputPool.limit()
