@@ -321,13 +321,14 @@ def real_sph_harm(lat_deg, lon_deg, max_degree: int) -> torch.Tensor:
     n = lat.numel()
     D = (L + 1) ** 2
     a_tab, b_tab, log_seed = _recurrence_coefficients(L)
-    a_tab, b_tab = a_tab.to(dtype), b_tab.to(dtype)
+    dev = lat.device  # the tables are cached on the CPU; everything below runs on the points' device
+    a_tab, b_tab, log_seed = a_tab.to(dev, dtype), b_tab.to(dev, dtype), log_seed.to(dev)
 
     lat64 = torch.deg2rad(lat.to(torch.float64))
     lon64 = torch.deg2rad(lon.to(torch.float64))
     x = torch.sin(lat64).to(dtype)  # cos(theta)                                      [N]
     s64 = torch.cos(lat64).clamp_min(1e-300)  # sin(theta) >= 0                       [N]
-    m64 = torch.arange(L + 1, dtype=torch.float64)
+    m64 = torch.arange(L + 1, dtype=torch.float64, device=dev)
 
     # Sectoral seeds Pbar_m^m = exp(log_seed[m] + m log sin(theta)) as mantissa * 2**exponent.
     log_pmm = log_seed[:, None] + m64[:, None] * torch.log(s64)[None, :]  # [L+1, N]
@@ -337,7 +338,7 @@ def real_sph_harm(lat_deg, lon_deg, max_degree: int) -> torch.Tensor:
 
     # Longitude factors, in float64 so m*phi stays accurate at high order; sqrt(2) folded in for m > 0.
     mphi = m64[:, None] * lon64[None, :]  # [L+1, N]
-    w = torch.full((L + 1, 1), math.sqrt(2.0), dtype=torch.float64)
+    w = torch.full((L + 1, 1), math.sqrt(2.0), dtype=torch.float64, device=dev)
     w[0] = 1.0
     cos_m = (w * torch.cos(mphi)).to(dtype)  # [L+1, N]
     sin_m = (w * torch.sin(mphi)).to(dtype)  # [L+1, N] (row 0 unused)

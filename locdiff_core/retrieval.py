@@ -53,8 +53,8 @@ def search_inner_product(
     sims, idxs = [], []
     for qs in range(0, q_all.shape[0], query_block):
         q = q_all[qs : qs + query_block]  # [b, E]
-        best_s = torch.full((q.shape[0], 0), float("-inf"))
-        best_i = torch.zeros((q.shape[0], 0), dtype=torch.long)
+        best_s = torch.full((q.shape[0], 0), float("-inf"), device=q.device)
+        best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=q.device)
         for gs in range(0, gallery.shape[0], gallery_block):
             g = gallery[gs : gs + gallery_block].float()  # [g, E]
             s = q @ g.T  # [b, g]
