@@ -471,21 +471,23 @@ def load_embeddings(
     return t["image_id"].to_pylist(), emb, lat, lon
 
 
-def _selection(store: Store, key: str, parts: list[str], splits: set | None):
-    """Per part, the image ids and the row mask (None: every row) of the rows of ``splits``."""
+def _selection(store: Store, key: str, parts: list[str], splits: set | None, with_ids: bool = True):
+    """Per part, the image ids (or, without ``with_ids``, only their count) and the row mask (None:
+    every row) of the rows of ``splits``."""
     import pyarrow.compute as pc
 
     ids, masks, present = [], [], set()
+    columns = ["image_id", "split"] if with_ids else ["split"]
     for rel in parts:
-        t = store.read_table(key, rel, columns=["image_id", "split"])
+        t = store.read_table(key, rel, columns=columns)
         if splits is None:
             masks.append(None)
-            ids.append(t["image_id"].to_pylist())
-            continue
-        present.update(pc.unique(t["split"]).to_pylist())
-        m = pc.is_in(t["split"], value_set=pa.array(sorted(splits), pa.string()))
-        masks.append(m.to_numpy(zero_copy_only=False))
-        ids.append(t.filter(m)["image_id"].to_pylist())
+        else:
+            present.update(pc.unique(t["split"]).to_pylist())
+            m = pc.is_in(t["split"], value_set=pa.array(sorted(splits), pa.string()))
+            masks.append(m.to_numpy(zero_copy_only=False))
+            t = t.filter(m)
+        ids.append(t["image_id"].to_pylist() if with_ids else t.num_rows)
     if splits is not None and not any(ids):
         raise LookupError(f"no embeddings of split(s) {sorted(splits)} in {key}; it has {sorted(present)}")
     return ids, masks
@@ -517,8 +519,9 @@ def iter_embeddings(store: Store, key: str, split: str | list[str] | None = None
     """``load_embeddings`` a block at a time, for readers that must not hold a whole split (evaluation):
     ``(n_rows, blocks)`` where ``blocks`` yields ``(image_ids, emb float32 [b, dim], lat float64 [b],
     lon float64 [b])`` numpy blocks of exactly ``block_rows`` rows (the last one shorter), in
-    ``load_embeddings`` order. Rows are read from the memory-mapped arrays; only the ids and one block
-    are in memory. An artifact without arrays (an older locdiff) is loaded whole, then cut."""
+    ``load_embeddings`` order. Rows are read from the memory-mapped arrays and ids a part at a time:
+    only one part's ids and one block are in memory. An artifact without arrays (an older locdiff) is
+    loaded whole, then cut."""
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
     splits = None if split is None else ({split} if isinstance(split, str) else set(split))
@@ -535,13 +538,15 @@ def iter_embeddings(store: Store, key: str, split: str | list[str] | None = None
             for s in cut
         )
     parts = embedding_parts(store, key)
-    part_ids, masks = _selection(store, key, parts, splits)
+    counts, masks = _selection(store, key, parts, splits, with_ids=False)  # ids: a part at a time
 
     def blocks():
         maps, pieces, have = MappedArrays(store), [], 0
-        for rel, ids, mask in zip(parts, part_ids, masks, strict=True):
-            if not ids:
+        for rel, count, mask in zip(parts, counts, masks, strict=True):
+            if not count:
                 continue
+            ids = store.read_table(key, rel, columns=["image_id"])["image_id"]
+            ids = (ids if mask is None else ids.filter(pa.array(mask))).to_pylist()
             cols = {c: maps.open(key, array_relpath_of(rel, c)) for c in ARRAY_COLUMNS}
             rows = np.arange(len(ids)) if mask is None else np.nonzero(mask)[0]
             pos = 0
@@ -556,7 +561,7 @@ def iter_embeddings(store: Store, key: str, split: str | list[str] | None = None
         if pieces:
             yield _join_pieces(pieces)
 
-    return sum(len(p) for p in part_ids), blocks()
+    return sum(counts), blocks()
 
 
 def _join_pieces(pieces: list[tuple]) -> tuple:
@@ -617,12 +622,15 @@ class MappedArrays:
             os.replace(tmp, path)
         return path
 
-    def open(self, key: str, relpath: str) -> np.ndarray:
+    def open(self, key: str, relpath: str, sequential: bool = False) -> np.ndarray:
+        """Map one array: for scattered rows (training batches; no read-ahead) or, with ``sequential``,
+        for block-by-block scans (the retrieval gallery; aggressive read-ahead)."""
         import mmap
 
         arr = np.load(self._local_path(key, relpath), mmap_mode="r", allow_pickle=False)
-        if isinstance(arr, np.memmap) and hasattr(mmap, "MADV_RANDOM") and arr.size:
-            arr._mmap.madvise(mmap.MADV_RANDOM)  # no read-ahead: batches read scattered rows
+        advice = "MADV_SEQUENTIAL" if sequential else "MADV_RANDOM"
+        if isinstance(arr, np.memmap) and hasattr(mmap, advice) and arr.size:
+            arr._mmap.madvise(getattr(mmap, advice))
             self.maps.append(arr)
         return arr
 

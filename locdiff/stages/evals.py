@@ -29,6 +29,7 @@ _BASELINE_KINDS = {
     "classification": "classification",
 }
 BASELINES = ("most-common-region",)  # the default: free to compute
+CALIBRATION_ROWS = 5000  # val rows the radius scales are fitted on (quantiles: 5000 is plenty)
 EVAL_BLOCK_ROWS = 1 << 16  # rows of a split predicted at a time (rounded down to whole inference batches)
 
 
@@ -159,19 +160,22 @@ def evaluate_run(
 
 def _val_calibration(store: Store, predictor, train_emb_key: str, seed: int) -> dict | None:
     """Radius scales fitted on the run's ``val`` split (None when it has none): LocDiff's predictions
-    there, then :func:`fit_radius_scales` on the raw radii (the config's own scales divided out)."""
-    from locdiff.stages.embeddings import load_embeddings
+    on its first :data:`CALIBRATION_ROWS` rows, then :func:`fit_radius_scales` on the raw radii (the
+    config's own scales divided out)."""
+    import torch
+
+    from locdiff.stages.embeddings import iter_embeddings
     from locdiff.stages.runs import predict_embeddings
     from locdiff_core.sphere import haversine_km
 
-    try:
-        _, emb, lat, lon = load_embeddings(store, train_emb_key, "val")
+    try:  # the first CALIBRATION_ROWS rows of val, read from the mapped arrays (one bounded block)
+        _, blocks = iter_embeddings(store, train_emb_key, "val", CALIBRATION_ROWS)
     except LookupError:
         return None
-    import torch
-
+    _, emb, lat, lon = next(blocks)
     inf = predictor.config.infer
-    out = predict_embeddings(predictor, emb.numpy(), seed + 1)
+    out = predict_embeddings(predictor, emb, seed + 1)
+    lat, lon = torch.from_numpy(lat), torch.from_numpy(lon)
     d = haversine_km(lat, lon, torch.from_numpy(out["pred_lat"]), torch.from_numpy(out["pred_lon"])).numpy()
     raw = np.stack([out["radius50_km"] / inf.radius50_scale, out["radius90_km"] / inf.radius90_scale], 1)
     s50, s90 = fit_radius_scales(d, raw)

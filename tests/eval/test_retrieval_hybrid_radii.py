@@ -19,6 +19,13 @@ def test_search_is_exact_across_gallery_and_query_blocks():
     ref_s, ref_i = full.topk(5, dim=1)
     assert torch.equal(idx, ref_i)
     assert torch.allclose(sim, ref_s)
+    # a numpy (memory-mapped) gallery gives the same answer, with a callback after each of its blocks
+    calls = []
+    s_np, i_np = search_inner_product(
+        queries, gallery.half().numpy(), 5, query_block=32, gallery_block=128,
+        after_block=lambda: calls.append(1),
+    )
+    assert torch.equal(i_np, ref_i) and torch.equal(s_np, sim) and len(calls) == 8  # ceil(1000 / 128)
     # k larger than the gallery is capped
     s2, i2 = search_inner_product(queries[:3], gallery[:4], 10)
     assert i2.shape == (3, 4)

@@ -23,6 +23,7 @@ def run_key(store_uri, embeddings_key):
 def test_retrieval_index_is_the_normalised_training_split(store_uri, embeddings_key):
     from locdiff.stages.embeddings import load_embeddings
     from locdiff.stages.retrieval import load_index
+    from locdiff_core.retrieval import normalize_rows
 
     store = Store.from_uri(store_uri)
     key = retrieval_task.fn(store_uri, embeddings_key)
@@ -31,7 +32,10 @@ def test_retrieval_index_is_the_normalised_training_split(store_uri, embeddings_
     index = load_index(store, key)
     _, emb, lat, _ = load_embeddings(store, embeddings_key, "train")
     assert len(index) == len(lat) and np.allclose(index.lat_deg.numpy(), lat.numpy())
-    assert np.allclose(index.emb.float().norm(dim=1).numpy(), 1.0, atol=1e-3)
+    assert isinstance(index.emb, np.memmap)  # mapped, never loaded whole
+    # streamed block by block, the gallery is exactly the whole split normalised in float32, then float16
+    want = normalize_rows(emb).numpy().astype(np.float16)
+    assert index.emb.dtype == np.float16 and np.array_equal(np.asarray(index.emb), want)
     # a training image finds itself first
     sim, idx = index.search(emb[:5].numpy(), 3)
     assert idx[:, 0].tolist() == list(range(5)) and (sim[:, 0] > 0.99).all()
