@@ -50,11 +50,12 @@ def max_nproc(device: str = "auto") -> int:
 
 
 def resolve_nproc(nproc: int | None, device: str = "auto") -> int:
-    """``nproc`` (else ``$LOCDIFF_NPROC``, else 1), checked against :func:`max_nproc`."""
+    """``nproc`` (else ``$LOCDIFF_NPROC``, the GPU work pools' job variable, else auto: every visible GPU
+    when training on CUDA, 1 on the CPU), checked against :func:`max_nproc`."""
     if nproc is None:
         raw = os.environ.get(NPROC_ENV, "").strip()
         try:
-            nproc = int(raw) if raw else 1
+            nproc = int(raw) if raw else (max_nproc(device) if _cuda_training(device) else 1)
         except ValueError:
             raise UserError(
                 f"{NPROC_ENV}={raw!r} is not an integer", "set it to the number of GPUs"

@@ -400,6 +400,8 @@ def _load_open_clip(
 
 # --------------------------------------------------------------------------------------------- registry
 def _resolve_device(device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r} requested but CUDA is not available", "use --device cpu")

@@ -13,14 +13,11 @@ Gallery features are computed once (lazily, in chunks) and cached in memory; ``s
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 GEOCLIP_IMAGE_DIM = 768  # CLIP ViT-L/14 projected image features
 GEOCLIP_FEATURE_DIM = 512

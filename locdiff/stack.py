@@ -145,7 +145,6 @@ class Stack:
             PREFECT_UI_API_URL=self.api_url,
             LOCDIFF_PROJECT_DIR=str(self.root),
         )
-        env.setdefault("HF_HUB_OFFLINE", "1")
         env.update(self.extra_env)
         if self.s3_port:
             env.setdefault("LOCDIFF_S3_ENDPOINT", f"http://127.0.0.1:{self.s3_port}")

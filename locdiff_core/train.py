@@ -15,6 +15,7 @@ taken back through ``resume_from`` (the task layer saves them with ``torch.save`
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 import time
@@ -38,6 +39,8 @@ from .data import BatchSampler, GeoEmbeddings, PartedGeo, as_parted
 from .diffusion import NoiseSchedule
 from .sampling import predict_with
 from .shdd import SHDD
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,8 @@ def train(
         device = torch.device("cuda", torch.cuda.current_device())  # the launcher set LOCAL_RANK's device
     sampler = BatchSampler(len(train_data), tc.batch_size, rank, world)
     use_bf16 = device.type == "cuda" and tc.amp in ("auto", "bf16")
+    if tc.amp == "bf16" and not use_bf16:
+        log.warning("train.amp='bf16' runs on CUDA only: training on %s in float32", device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

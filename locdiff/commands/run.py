@@ -173,15 +173,17 @@ def train_command(
     ),
     eval_dataset: list[str] = typer.Option(None, "--eval", help="Benchmark to evaluate on (repeatable)."),
     nproc: int = typer.Option(
-        None, "--nproc", help="Training processes under torchrun/DDP (default 1; at most the GPUs/cores)."
+        None,
+        "--nproc",
+        help="Training processes under torchrun/DDP (default: every visible GPU, 1 on the CPU).",
     ),
 ) -> None:
     """Run the train-mp16 pipeline in this process (against the local stack when it is up)."""
-    from locdiff.ddp import NPROC_ENV, resolve_nproc
+    from locdiff.ddp import resolve_nproc
     from locdiff.flows.train_mp16 import train_mp16
 
-    if nproc is not None:  # checked now, before any stage runs; the train task reads it from the env
-        os.environ[NPROC_ENV] = str(resolve_nproc(nproc))
+    if nproc is not None:
+        resolve_nproc(nproc)  # checked now, before any stage runs
 
     out = _run_flow_in_process(
         train_mp16,
@@ -191,6 +193,7 @@ def train_command(
         overrides=_parse_params(override),
         eval_datasets=list(eval_dataset or []),
         baselines=["most-common-region"],
+        nproc=nproc,
     )
     print(f"run: {out['run']}")
 

@@ -20,7 +20,6 @@ off (the reference for the load test, ``benchmarks/bench_serve.py``).
 import asyncio
 import base64
 import binascii
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -269,7 +268,6 @@ def serve_command(
         raise UserError("--max-batch, --max-bytes and --max-pixels must be >= 1, --max-wait-ms >= 0")
     if not 0 < port < 65536:
         raise UserError(f"--port {port} is not a TCP port", "e.g. --port 8000")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _check_bind(host, port)
     m = load_model(model, storage, None, device)
     cfg = ServeConfig(

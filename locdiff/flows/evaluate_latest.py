@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from locdiff.flows.pipeline import evaluate_present
+from locdiff.flows.pipeline import BENCHMARKS, evaluate_present
 from locdiff.flows.stages import report_flow, retrieval_flow
-
-NIGHTLY_DATASETS = ["yfcc26k", "gws15k", "im2gps3k", "yfcc4k"]
 
 
 @flow(name="evaluate-latest", log_prints=True)
@@ -36,7 +34,7 @@ def evaluate_latest(
         storage,
         run_key,
         run_encoder(store, run_key),
-        NIGHTLY_DATASETS if datasets is None else datasets,
+        list(BENCHMARKS) if datasets is None else datasets,
         list(BASELINES),
         retrieval_key=retrieval_key,
     )

@@ -22,6 +22,8 @@ from locdiff.flows.stages import (
     train_flow,
 )
 
+BENCHMARKS = ("yfcc26k", "gws15k", "im2gps3k", "yfcc4k")  # what train-mp16 and the nightly evaluate on
+
 
 def evaluate_present(
     storage: str | None,

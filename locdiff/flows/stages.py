@@ -119,7 +119,8 @@ def train_flow(
 ) -> str:
     """Returns the run key; a re-run after a crash resumes from the run's newest checkpoint.
 
-    nproc: DDP processes under torchrun (default: $LOCDIFF_NPROC, the GPU pools' job variable, else 1)."""
+    nproc: DDP processes under torchrun (default: $LOCDIFF_NPROC, the GPU pools' job variable, else every
+    visible GPU, 1 on the CPU)."""
     t = tasks.train_task.with_options(refresh_cache=True) if refresh else tasks.train_task
     return t(storage, embeddings_key, config, targets_key, anchors, name, preset, nproc=nproc)
 

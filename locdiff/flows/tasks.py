@@ -215,8 +215,8 @@ def train(
 ) -> str:
     """Train (or resume, or reuse) a run; returns the run key.
 
-    ``nproc`` > 1 (default: ``$LOCDIFF_NPROC``, the work pools' job variable, else 1) runs it under
-    torchrun with that many DDP processes (``locdiff.ddp``)."""
+    ``nproc`` > 1 (default: ``$LOCDIFF_NPROC``, the work pools' job variable, else every visible GPU,
+    1 on the CPU) runs it under torchrun with that many DDP processes (``locdiff.ddp``)."""
     from locdiff.ddp import launch_train, resolve_nproc
     from locdiff.stages.runs import train_run
 

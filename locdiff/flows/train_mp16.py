@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from prefect import flow
 
-from locdiff.flows.pipeline import run_pipeline
+from locdiff.flows.pipeline import BENCHMARKS, run_pipeline
 
 
 @flow(name="train-mp16", log_prints=True)
 def train_mp16(
     dataset: str = "mp16",
     encoder: str = "ViT-L-14/openai",
-    preset: str = "default",
+    preset: str = "mp16",
     overrides: dict | None = None,
     dataset_options: dict | None = None,
     encoder_options: dict | None = None,
@@ -25,16 +25,26 @@ def train_mp16(
     baselines: list[str] | None = None,
     storage: str | None = None,
     refresh: bool = False,
+    device: str = "auto",
+    nproc: int | None = None,
+    dask: str | None = None,
 ) -> dict:
     """prepare -> embed -> targets -> anchors -> train -> evaluate -> report.
 
     dataset: registry name (`locdiff datasets list`); encoder: `efficientnet-lite0` or an open_clip
     `MODEL/PRETRAINED` (or a local checkpoint); preset: tiny | cpu | default | mp16; overrides: nested
     config overrides, e.g. {"train": {"max_steps": 1000}}; eval_datasets: benchmarks to evaluate on
-    (skipped with a note when not prepared locally); baselines: e.g. ["most-common-region"];
-    storage: store URI (default $LOCDIFF_STORAGE or the project's data/store); refresh: retrain even
-    when an identical run is cached.
+    (default YFCC26k, GWS15k, Im2GPS3k, YFCC4k; skipped with a note when not prepared locally);
+    baselines: e.g. ["most-common-region"]; storage: store URI (default $LOCDIFF_STORAGE or the project's
+    data/store); refresh: retrain even when an identical run is cached; device: auto (CUDA when
+    available) | cuda | cpu, for embedding and training; nproc: training processes under torchrun
+    (default: every visible GPU, 1 on the CPU); dask: fan the embedding out over a Dask cluster
+    ("local" or a scheduler address).
     """
+    overrides = dict(overrides or {})
+    encoder_options = {"device": device, **(encoder_options or {})}
+    if device != "auto":
+        overrides["train"] = {"device": device, **overrides.get("train", {})}
     return run_pipeline(
         dataset=dataset,
         encoder=encoder,
@@ -42,9 +52,11 @@ def train_mp16(
         overrides=overrides,
         dataset_options=dataset_options,
         encoder_options=encoder_options,
-        eval_datasets=["im2gps3k", "yfcc4k"] if eval_datasets is None else eval_datasets,
+        eval_datasets=list(BENCHMARKS) if eval_datasets is None else eval_datasets,
         baselines=baselines if baselines is not None else [],
         storage=storage,
         refresh=refresh,
+        nproc=nproc,
+        dask=dask,
         title=f"train-mp16 {dataset} {encoder} {preset}",
     )
