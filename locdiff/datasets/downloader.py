@@ -105,6 +105,19 @@ class DownloadOptions:
             **kw,
         )
 
+    @classmethod
+    def parse(cls, value: DownloadOptions | dict | None) -> DownloadOptions | None:
+        """Options from a flow parameter (a dict of field names) or as they are."""
+        if value is None or isinstance(value, cls):
+            return value
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - fields)
+        if unknown:
+            raise UserError(
+                f"unknown download option {unknown[0]!r}", f"allowed: {', '.join(sorted(fields))}"
+            )
+        return cls(**value)
+
     def content_config(self) -> dict:
         return {"image_size": self.image_size, "quality": self.quality if self.image_size else None}
 

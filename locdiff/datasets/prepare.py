@@ -210,6 +210,7 @@ def prepare_from_manifest(
     }
     remote = any("://" in ref and not ref.lower().startswith("file://") for ref in table["image"])
     previous = None
+    download = DownloadOptions.parse(download)
     if remote:  # resized downloads: the size is part of the content
         if download is None:
             download = DownloadOptions.from_policy(policy, concurrency=max(1, max_workers))
