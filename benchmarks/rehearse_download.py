@@ -179,9 +179,10 @@ def main() -> None:
                 json={"state": {"type": "CANCELLING"}, "force": True},
                 timeout=10,
             )
+            key = "progress-download"
             arts = httpx.post(
                 f"{stack.api_url}/artifacts/filter",
-                json={"artifacts": {"key": {"any_": ["progress-download"]}}, "limit": 1},
+                json={"artifacts": {"key": {"any_": [key]}}, "limit": 1, "sort": "UPDATED_DESC"},
                 timeout=10,
             ).json()
     finally:

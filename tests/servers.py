@@ -243,6 +243,10 @@ def _handler(server: FileServer):
 class _Server(ThreadingHTTPServer):
     request_queue_size = 1024  # many clients connect at once in the benchmarks
 
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that went away: not news
+            super().handle_error(request, client_address)
+
 
 @contextlib.contextmanager
 def http_server(root: str | os.PathLike, chaos: Chaos | None = None, synthetic: int = 0, port: int = 0):
