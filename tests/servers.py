@@ -106,6 +106,8 @@ class FileServer:
     hits: Counter = field(default_factory=Counter)
     ranges: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    in_flight: int = 0  # requests being answered now, and the most at once
+    peak_in_flight: int = 0
 
     def inject(self, path: str, kind: str, times: int = 1, **kw) -> None:
         """Make the next ``times`` requests for ``path`` (e.g. '/a.jpg') fail with ``kind``."""
@@ -174,6 +176,16 @@ def _handler(server: FileServer):
                 self.wfile.write(body)
 
         def _serve(self, head: bool) -> None:
+            with server.lock:
+                server.in_flight += 1
+                server.peak_in_flight = max(server.peak_in_flight, server.in_flight)
+            try:
+                self._answer(head)
+            finally:
+                with server.lock:
+                    server.in_flight -= 1
+
+        def _answer(self, head: bool) -> None:
             path = self.path.split("?", 1)[0]
             fault = server._take_fault(path)
             if server.chaos is not None:

@@ -73,7 +73,7 @@ def test_resize_keeps_the_aspect_ratio_and_small_images_byte_for_byte():
 
 # --------------------------------------------------------------------------------------------- faults
 def test_download_counts_dead_links_once_retries_transient_faults_and_writes_webdataset_shards(
-    http_files, store
+    http_files, store, capsys
 ):
     manifest = serve(http_files, 10, dead=(3, 7))
     http_files.inject("/img1.jpg", "status", times=2, status=503)  # recovers within the run
@@ -87,6 +87,8 @@ def test_download_counts_dead_links_once_retries_transient_faults_and_writes_web
     assert sorted(man["dead_links"]) == [http_files.url_of("img3.jpg"), http_files.url_of("img7.jpg")]
     assert hits(http_files, 3, 7) == [1, 1]  # dead: asked once, never retried
     assert hits(http_files, 1, 2, 4) == [3, 2, 2]
+    progress = capsys.readouterr().err.strip().splitlines()[-1]  # the last progress line on stderr
+    assert progress.startswith("download: 10/10 images, ") and "8 ok, 2 dead, 0 failed" in progress
     assert store.verify(key) == []
     table = read_manifest(store, key).to_pylist()
     assert [r["image_id"] for r in table] == [f"{i:02d}/img{i}.jpg" for i in range(10) if i not in (3, 7)]
@@ -98,6 +100,16 @@ def test_download_counts_dead_links_once_retries_transient_faults_and_writes_web
         names = [n for n, _ in iter_shard(store, key, shard)]
         assert names and all(n.endswith(".jpg") for n in names)
         assert len({n.rsplit(".", 1)[0] for n in names}) == len(names)
+
+
+def test_requests_to_one_host_stay_within_per_host(http_files, store):
+    manifest = serve(http_files, 12, size=(64, 48))
+    for i in range(12):
+        http_files.inject(f"/img{i}.jpg", "slow", delay=0.15)
+    opts = DownloadOptions.from_policy(FAST, processes=0, concurrency=12, per_host=3)
+    key = prepare_from_manifest(store, "mp16", manifest, shard_size=4, download=opts)
+    assert store.manifest(key)["rows"] == 12
+    assert 2 <= http_files.peak_in_flight <= 3  # many shards in flight, never more than 3 to the host
 
 
 def test_transient_failures_are_fetched_again_on_a_rerun_and_dead_links_are_not(http_files, store):

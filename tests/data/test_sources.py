@@ -71,6 +71,15 @@ def test_mp16_from_its_url_list_and_metadata_at_flickr_size_z(http_files, store,
     assert again == key and sum(http_files.hits.values()) == before
 
 
+def test_the_prepare_stage_downloads_a_missing_published_dataset(http_files, store, tmp_path):
+    from locdiff.stages.datasets import prepare_dataset
+
+    mirror = flickr_mirror(http_files, "yfcc25600_urls.csv", "yfcc25600_places365.csv", "")
+    options = {"mirror": mirror, "downloads": str(tmp_path / "dl"), "download": {"processes": 0}}
+    key = prepare_dataset(store, "yfcc26k", options)  # as the flow passes dataset_options
+    assert store.manifest(key)["rows"] == 2 and prepare_dataset(store, "yfcc26k") == key
+
+
 def test_yfcc26k_by_the_cli_with_a_local_folder_as_mirror(http_files, store, tmp_path):
     flickr_mirror(http_files, "yfcc25600_urls.csv", "yfcc25600_places365.csv", "")
     code, out, err = cli(
