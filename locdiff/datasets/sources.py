@@ -88,7 +88,7 @@ SOURCES: dict[str, Source] = {
             "images": ("im2gps3ktest.zip", "http://www.mediafire.com/file/7ht7sn78q27o9we/im2gps3ktest.zip"),
             "meta": (
                 "im2gps3k_places365.csv",
-                "https://raw.githubusercontent.com/TIBHannover/GeoEstimation/master/meta/im2gps3k_places365.csv",
+                "https://raw.githubusercontent.com/TIBHannover/GeoEstimation/original_tf/meta/im2gps3k_places365.csv",
             ),
         },
         "archive",
