@@ -1,8 +1,8 @@
 """Turn a validated metadata table into a committed ``datasets/<name>/<hash>`` artifact.
 
 Images come from local paths (relative ones must resolve inside ``images_root``; absolute paths and
-``file://`` only with ``allow_outside_root``) or HTTP(S) URLs (downloaded with retries,
-``download.fetch_bytes``; other fsspec protocols only when named in ``allow_protocols``). Dead links,
+``file://`` only with ``allow_outside_root``) or HTTP(S) URLs (downloaded in parallel,
+``downloader``; other fsspec protocols only when named in ``allow_protocols``). Dead links,
 refused paths and undecodable/truncated images (decompression bombs included) are skipped and listed in
 the manifest (``n_skipped``, ``skipped``, ``n_dead``), never fatal for the batch; but a build with no
 usable image, or too many left out (``max_skip_share``), is not committed. The build resumes shard by
@@ -20,7 +20,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from locdiff.datasets.download import RetryPolicy, fetch_bytes, safe_extract
+from locdiff.datasets.download import RetryPolicy, safe_extract
 from locdiff.datasets.downloader import DownloadOptions, NothingRecovered, download_dataset, retry_target
 from locdiff.datasets.shards import DEFAULT_SHARD_SIZE, ImageRecord, SkipImage, write_dataset
 from locdiff.datasets.validate import validate_file
@@ -223,15 +223,7 @@ def prepare_from_manifest(
 
     def loader(ref: str):
         def load() -> bytes:
-            path = resolver.local_path(ref)
-            if path is None:
-                resolver.check_remote(ref)
-                res = fetch_bytes(ref, policy)
-                if res.status == "dead":
-                    raise SkipImage(f"dead link ({res.error})")
-                if not res.ok:
-                    raise SkipImage(f"download failed after {res.attempts} attempts ({res.error})")
-                return res.data
+            path = resolver.local_path(ref)  # never None here: remote manifests go to _download
             try:
                 return path.read_bytes()
             except FileNotFoundError:
