@@ -255,6 +255,7 @@ def download_dataset(
 ) -> str:
     """Fetch ``name``'s published files, join them and prepare the dataset; returns its key."""
     from locdiff.datasets.download import safe_extract
+    from locdiff.datasets.downloader import DownloadOptions
     from locdiff.datasets.prepare import prepare_from_manifest
     from locdiff.datasets.validate import DataValidationError
 
@@ -268,7 +269,9 @@ def download_dataset(
             raise UserError(f"{src.name}: {src.files[role][0]} has no public direct URL", _hint(src, role))
     local = {role: fetch(src, role, where[role], folder, policy) for role in src.files}
     prepare_kwargs.setdefault("default_split", src.split)
-    if src.kind == "urls":
+    if src.kind == "urls":  # Flickr lists: many dead links; the downloader's own defaults (256 in flight)
+        prepare_kwargs.setdefault("max_skip_share", 1.0)
+        prepare_kwargs.setdefault("download", DownloadOptions())
         manifest = join_url_list(src, local["urls"], local["meta"], folder / f"{src.name}_{src.split}.csv")
         return prepare_from_manifest(store, src.name, manifest, **prepare_kwargs)
     root = folder / f"images_{src.split}"
