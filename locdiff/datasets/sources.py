@@ -24,8 +24,8 @@ The published formats (checked against the publishers' repositories):
   later work; revisiting-im2gps only lists the image ids. No canonical direct URL: name a mirror.
 - OSV-5M (huggingface.co/datasets/osv5m/osv5m, dataset card): ``test.csv``/``train.csv`` with columns
   ``id,latitude,longitude,thumb_original_url,country,...`` and the images as ``images/<split>/NN.zip``
-  (5 for test, from the card's own test-only script; 98 for train is our count, not checked against
-  the hub listing: name others with --url imagesNN=...), each image ``<id>.jpg`` inside.
+  (5 for test, from the card's own test-only script; 98 for train is not checked against the hub
+  listing: a different count is a change to ``OSV5M_TRAIN``), each image ``<id>.jpg`` inside.
 - GWS15k was never published: bring your own manifest (``locdiff datasets prepare gws15k --manifest``).
 """
 
