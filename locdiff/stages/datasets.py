@@ -20,8 +20,9 @@ def prepare_dataset(
     options: dict | None = None,
     progress: Callable[[float, float], None] | None = None,
 ) -> str:
-    """Build the embedded sample, prepare a dataset from a manifest (``options["manifest"]``), or reuse
-    the newest committed dataset of that name; returns its key."""
+    """Build the embedded sample, prepare a dataset from a manifest (``options["manifest"]``), reuse
+    the newest committed dataset of that name, or download a missing one from its published source
+    (``options``: those of :func:`locdiff.datasets.sources.download_dataset`); returns its key."""
     from locdiff.datasets.registry import REGISTRY
 
     options = dict(options or {})
@@ -37,6 +38,11 @@ def prepare_dataset(
 
         return prepare_from_manifest(store, dataset.lower(), **options)
     key = latest_dataset(store, dataset)
+    if key is None:
+        from locdiff.datasets.sources import SOURCES, download_dataset
+
+        if dataset.lower() in SOURCES:  # a published dataset that is missing: download it
+            return download_dataset(store, dataset, **options)
     if key is None:
         how = spec.obtain if spec is not None else "pass dataset_options={'manifest': FILE}"
         raise UserError(f"dataset {dataset!r} is not in the store {store.url}", how)
