@@ -310,6 +310,8 @@ def training_curves_png(curves: Mapping[str, Sequence[Mapping]], title: str = ""
         ax.tick_params(labelsize=7)
         if not pts:
             ax.text(0.5, 0.5, "not logged by this run", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
             continue
         steps, vals = zip(*pts, strict=True)
         ax.plot(steps, vals, marker="o" if len(pts) < 30 else None, markersize=3)

@@ -120,7 +120,7 @@ def demo_command(
         print()
         print(f"report:  {store.uri(report_key, 'report.md')}")
         for name in store.files(report_key):
-            if name.endswith(".png"):
+            if name.endswith((".png", ".html")):  # .html: the interactive map, one offline file
                 print(f"{name.split('-')[0]:<8} {store.uri(report_key, name)}")
     print(f"Prefect UI (run): {url}")
     print('query artifacts:  locdiff sql "SELECT method, acc_750km, acc_2500km, median_km FROM metrics"')
