@@ -6,6 +6,7 @@ when it is set (for a look), else to the test's temporary folder."""
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -136,4 +137,16 @@ def test_serve_page_upload_a_tile_and_see_a_marker(server, tmp_path):  # noqa: F
         assert b.page.locator(POINTS.format(uid="pred")).count() == 1
         assert b.page.locator(POINTS.format(uid="modes")).count() >= 1
         assert "1 predicted" in b.page.locator("#ld-status").inner_text()
+        # a second photo dropped on the drop zone (a drop event carrying the file)
+        data = base64.b64encode((tmp_path / "photos" / "tile-000.jpg").read_bytes()).decode()
+        b.page.evaluate(
+            """(b64) => { const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+                const dt = new DataTransfer();
+                dt.items.add(new File([bytes], "dropped.jpg", {type: "image/jpeg"}));
+                document.getElementById("ld-drop").dispatchEvent(
+                    new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true})); }""",
+            data,
+        )
+        b.page.wait_for_function("document.getElementById('ld-status').textContent.includes('2 predicted')")
+        assert b.page.locator(POINTS.format(uid="pred")).count() == 2
         _check_loaded(b, _shots(tmp_path) / "serve-page.png")
