@@ -88,6 +88,15 @@ def test_report_map_in_chromium(report, tmp_path):
         assert len(runs) == 2 and runs[0][-1] == 180 and runs[1][0] == -180
         assert all(np.all(np.abs(np.diff(r)) < 10) for r in runs)
         _check_loaded(b, _shots(tmp_path) / "report-map.png")
+        # the mouse wheel zooms in (the x range narrows from the whole world)
+        box = b.page.locator("#ld-map .nsewdrag").first.bounding_box()
+        b.page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        for _ in range(5):  # plotly zooms by at most ~10 % per wheel event
+            b.page.mouse.wheel(0, -100)
+        b.page.wait_for_function(
+            "() => { const r = document.getElementById('ld-map').layout.xaxis.range;"
+            " return r[1] - r[0] < 300; }"
+        )
 
 
 def test_predict_map_html_in_chromium(tiny_store, run_key, tmp_path):
