@@ -1,3 +1,12 @@
 """locdiff: Prefect pipelines, storage, datasets and CLI around locdiff_core."""
 
+import os
+
+# torch's OpenMP threads (libgomp) spin while they wait at a barrier. On a busy machine a spinning thread
+# burns the time slice its partner needs: 10 training steps of the demo's preset took >= 60 s instead of
+# 2-3 s at a load average of 14 on 2 cores (benchmarks/bench_train_load.py, docs/performance.md).
+# Waiting threads sleep instead. libgomp reads this when it loads, so it must be set before torch is
+# imported, which importing locdiff first does (CLI, flow runs). A value already in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"

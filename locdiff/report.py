@@ -285,6 +285,47 @@ def error_cdf_png(distances_km: Mapping[str, np.ndarray], title: str = "") -> by
     return png
 
 
+def training_curves_png(curves: Mapping[str, Sequence[Mapping]], title: str = "") -> bytes:
+    """PNG of a run's training curves (``curves.json``: ``{"train": [{step, loss, mse, kl, lr, ...}],
+    "val": [{step, median_km, ...}]}``): total loss, MSE, KL, learning rate and the validation median
+    error over steps, one panel each (a panel whose series the run did not log says so)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("train", "loss", "total loss", True),
+        ("train", "mse", "MSE", True),
+        ("train", "kl", "KL", True),
+        ("train", "lr", "learning rate", False),
+        ("val", "median_km", "validation median error (km)", True),
+    ]
+    fig, axes = plt.subplots(2, 3, figsize=(11, 5.6), dpi=90)
+    for ax, (curve, key, label, log) in zip(axes.flat, panels, strict=False):
+        pts = [(e["step"], e[key]) for e in curves.get(curve, []) if e.get(key) is not None]
+        pts = [(s, v) for s, v in pts if math.isfinite(float(v))]
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if not pts:
+            ax.text(0.5, 0.5, "not logged by this run", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        steps, vals = zip(*pts, strict=True)
+        ax.plot(steps, vals, marker="o" if len(pts) < 30 else None, markersize=3)
+        if log and min(vals) > 0:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes.flat[-1].axis("off")
+    fig.suptitle(title or "training curves", fontsize=10)
+    fig.tight_layout()
+    png = png_bytes(fig)
+    plt.close(fig)
+    return png
+
+
 def coverage_table(rows: Sequence[Mapping]) -> str:
     """Markdown: coverage (%) of LocDiff's 50 % / 90 % credible radii per dataset, raw and calibrated."""
     cov = [r for r in rows if r.get("coverage50") is not None]

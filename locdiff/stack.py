@@ -462,8 +462,16 @@ def run_deployment(stack: Stack, name: str, parameters: dict | None = None) -> d
     return r.json()
 
 
+_POLL_CLIENT: httpx.Client | None = None
+
+
 def flow_run(stack: Stack, flow_run_id: str) -> dict:
-    r = httpx.get(f"{stack.api_url}/flow_runs/{flow_run_id}", timeout=10)
+    # one kept client: httpx.get builds a client (and its TLS context) per call, ~25 ms of CPU, which a
+    # poll once a second pays all through a run (benchmarks/bench_orchestration.py)
+    global _POLL_CLIENT
+    if _POLL_CLIENT is None:
+        _POLL_CLIENT = httpx.Client(timeout=10)
+    r = _POLL_CLIENT.get(f"{stack.api_url}/flow_runs/{flow_run_id}")
     r.raise_for_status()
     return r.json()
 

@@ -120,7 +120,7 @@ def demo_command(
         print()
         print(f"report:  {store.uri(report_key, 'report.md')}")
         for name in store.files(report_key):
-            if name.endswith(".png"):
+            if name.endswith((".png", ".html")):  # .html: the interactive map, one offline file
                 print(f"{name.split('-')[0]:<8} {store.uri(report_key, name)}")
     print(f"Prefect UI (run): {url}")
     print('query artifacts:  locdiff sql "SELECT method, acc_750km, acc_2500km, median_km FROM metrics"')
@@ -242,7 +242,9 @@ def predict_command(
     device: str = typer.Option("auto", help="cpu | cuda | auto."),
     batch_size: int = typer.Option(32, help="Images per batch (bounds memory)."),
     top_k: int = typer.Option(3, help="Modes to print per image (stdout)."),
-    map_png: Path = typer.Option(None, "--map", help="Write a map of the predictions (PNG)."),
+    map_png: Path = typer.Option(
+        None, "--map", help="Write a map of the predictions: FILE.html (interactive, offline) or FILE.png."
+    ),
     samples: int = typer.Option(None, help="K samples per image (default: the run's config)."),
     seed: int = typer.Option(0, help="Sampling seed."),
     storage: str = typer.Option(
@@ -315,7 +317,13 @@ def predict_command(
         )
     if map_png:
         good = [r for r in kept if r.get("error") is None]
-        map_png.write_bytes(pr.predictions_map_png(good, [str(r["id"]) for r in good]))
+        if map_png.suffix.lower() in (".html", ".htm"):
+            from locdiff import mapview
+
+            title = f"locdiff predictions ({who})"
+            map_png.write_text(mapview.page_html(mapview.prediction_items(good), title), encoding="utf-8")
+        else:
+            map_png.write_bytes(pr.predictions_map_png(good, [str(r["id"]) for r in good]))
         print(f"map: {map_png}")
 
 

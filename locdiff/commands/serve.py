@@ -2,6 +2,8 @@
 
 Endpoints:
 
+- ``GET /`` -> a page to drop or choose photos on; it calls ``POST /predict`` for each and shows the
+  answers on an offline interactive map (``locdiff.mapview.serve_page``).
 - ``GET /health`` -> ``{"status": "ok", "model": RUN_KEY, "device": ..., "max_batch": ..., ...}``
 - ``POST /predict`` with one image as the raw body (``Content-Type: image/*`` or
   ``application/octet-stream``; ``curl --data-binary @photo.jpg``), or a JSON body
@@ -180,6 +182,14 @@ def create_app(model, cfg: ServeConfig | None = None):
             chunks.append(chunk)
         return b"".join(chunks)
 
+    @app.get("/", include_in_schema=False)
+    async def page():
+        from fastapi.responses import HTMLResponse
+
+        from locdiff.mapview import serve_page
+
+        return HTMLResponse(serve_page())
+
     @app.get("/health")
     async def health() -> dict:
         b = state.get("batcher")
@@ -259,7 +269,8 @@ def serve_command(
         None, "--storage", help="Store URI (default: $LOCDIFF_STORAGE or data/store)."
     ),
 ) -> None:
-    """Serve predictions over HTTP: POST /predict (image bytes, or JSON of base64 images), GET /health."""
+    """Serve predictions over HTTP: POST /predict (image bytes, or JSON of base64 images), GET /health,
+    and GET / (a page to drop photos on, with the answers on a map)."""
     import uvicorn
 
     from locdiff.commands.predict import load_model

@@ -1,7 +1,9 @@
 """Reports: the metrics table and markdown report (map, error CDF) of evaluations, in the store.
 
 ``reports/<title>/<hash>`` (upstream: the evaluations) holds report.md, map-<dataset>.png,
-cdf-<dataset>.png, reliability-<dataset>.png (coverage of LocDiff's credible radii) and metrics.json.
+map-<dataset>.html (the interactive offline map, ``locdiff.mapview``), cdf-<dataset>.png,
+reliability-<dataset>.png (coverage of LocDiff's credible radii), training-curves.png (the evaluated run's
+curves) and metrics.json.
 Publishing them as Prefect artifacts is the flow layer's job (``locdiff.flows.tasks``); this module
 returns what it needs.
 """
@@ -39,6 +41,7 @@ def build_report(
     notes = list(notes or [])
     rows: list[dict] = []
     figures: dict[str, tuple[str, bytes]] = {}
+    maps: dict[str, tuple[str, bytes]] = {}  # file name -> (dataset, HTML)
     for ek in eval_keys:
         man = store.manifest(ek)
         metrics = man.get("metrics", {})
@@ -56,6 +59,7 @@ def build_report(
                 title=f"{dataset}: LocDiff predictions (x) vs truth (•)",
             ),
         )
+        maps[f"map-{dataset}.html"] = (dataset, _map_html(main, dataset))
         dists = {
             m: g["distance_km"].to_numpy(dtype=np.float64) for m, g in preds.groupby("method", sort=False)
         }
@@ -76,23 +80,35 @@ def build_report(
                 rp.reliability_png(series, title=f"{dataset}: LocDiff credible radii"),
             )
 
-    cfg = {"title": title, "notes": notes}
+    curves = _training_curves(store, eval_keys)
+    if curves:
+        figures["training-curves.png"] = curves
+    cfg = {"title": title, "notes": notes, "figures": 2}  # 2: with the HTML maps and training curves
+
+    def map_notes(where) -> list[str]:
+        return [
+            f"Interactive map of {ds} (one offline HTML file; open it in a browser): `{where(fname)}`"
+            for fname, (ds, _) in maps.items()
+        ]
 
     def build(w) -> None:
-        for fname, (_, png) in figures.items():
-            w.write_bytes(fname, png)
+        for fname, (_, data) in (figures | maps).items():
+            w.write_bytes(fname, data)
         w.write_bytes("metrics.json", json.dumps(rows, indent=1).encode())
         # the markdown stored in the store links its images by relative file name
         stored_md = rp.markdown_report(
-            title, rows, {cap: (fname, None) for fname, (cap, _) in figures.items()}, notes
+            title, rows, {cap: (fname, None) for fname, (cap, _) in figures.items()}, notes + map_notes(str)
         )
         w.write_bytes("report.md", stored_md.encode())
 
     key = get_or_build(store, STAGE, slug(title) or "report", cfg, eval_keys, build)
-    images = {fname: store.uri(key, fname) for fname in figures}
+    images = {fname: store.uri(key, fname) for fname in figures | maps}
     report_uri = store.uri(key, "report.md")
     ui_md = rp.markdown_report(
-        title, rows, {cap: (images[fname], png) for fname, (cap, png) in figures.items()}, notes
+        title,
+        rows,
+        {cap: (images[fname], png) for fname, (cap, png) in figures.items()},
+        notes + map_notes(images.get),
     )
     return {
         "key": key,
@@ -102,3 +118,27 @@ def build_report(
         "text_table": rp.text_table(rows),
         "ui_markdown": ui_md,
     }
+
+
+def _map_html(preds, dataset: str) -> bytes:
+    """The interactive offline map of one evaluation's predictions (truth -> prediction, by error)."""
+    from locdiff import mapview
+
+    items = mapview.evaluation_items(preds)
+    title = f"{dataset}: LocDiff predictions vs truth ({len(items)} of {len(preds)} images)"
+    return mapview.page_html(items, title).encode()
+
+
+def _training_curves(store: Store, eval_keys: list[str]) -> tuple[str, bytes] | None:
+    """(caption, PNG) of the training curves of the run the evaluations evaluate (the first one's)."""
+    import json
+
+    for ek in eval_keys:
+        run_key = next((u for u in store.manifest(ek).get("upstream", []) if u.startswith("runs/")), None)
+        if run_key and store.exists(run_key):
+            try:
+                curves = json.loads(store.read_bytes(run_key, "curves.json"))
+            except FileNotFoundError:
+                continue
+            return f"Training curves of {run_key}", rp.training_curves_png(curves, title=run_key)
+    return None

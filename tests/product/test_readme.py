@@ -75,6 +75,7 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, tiny_store, prefect
     outputs = {" ".join(a[:2]): o for a, o in ran}
     assert "prod ->" in outputs["runs tag"]
     assert (tmp_path / "map.png").exists() and (tmp_path / "predictions.geojson").exists()
+    assert (tmp_path / "map.html").read_text().count("LocdiffMap.init") == 1
     assert len((tmp_path / "predictions.csv").read_text().splitlines()) == 9  # header + 8 tiles
     assert "tag" in outputs["sql SELECT alias, run, action, created, current FROM aliases"]
     assert "mysample" in outputs["sql SELECT dataset, method, acc_750km, median_km, geoscore FROM metrics"]
