@@ -155,7 +155,8 @@ def prepare_from_manifest(
     """Validate ``manifest`` and build the dataset artifact; returns its key (reused when committed).
 
     The key covers the manifest's bytes, the images root, the archive's sha256 and every local image's
-    size and mtime, so changed inputs build a new artifact; ``force`` rebuilds a committed one. A build
+    size and mtime, so changed inputs build a new artifact; ``force`` rebuilds a committed one under a new
+    key (``config["rebuild_of"]`` names the one it replaces; a committed key is never rewritten). A build
     with no usable image, or whose share of rows left out (skipped or without coordinates) exceeds
     ``max_skip_share``, is not committed: :class:`DatasetBuildError` gives the counts of why.
     """
@@ -203,8 +204,13 @@ def prepare_from_manifest(
         "columns": [id_col, lat_col, lon_col, image_col],
     }
     key = store.key(STAGE, name, VERSION, config)
-    if store.exists(key) and not force:
-        return key
+    if store.exists(key):
+        if not force:
+            return key
+        # --force never rewrites a committed key: the rebuild gets an identity of its own, so every
+        # artifact keyed on the old dataset (embeddings, targets, runs, evaluations) is built anew
+        config["rebuild_of"], config["rebuild_nonce"] = key, uuid.uuid4().hex
+        key = store.key(STAGE, name, VERSION, config)
 
     def loader(ref: str):
         def load() -> bytes:
