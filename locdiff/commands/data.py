@@ -85,7 +85,9 @@ def prepare(
         max=1.0,
         help="refuse to commit when more than this share of rows is left out (1.0 accepts any)",
     ),
-    force: bool = typer.Option(False, "--force", help="rebuild even when this dataset is committed (under a new key)"),
+    force: bool = typer.Option(
+        False, "--force", help="rebuild even when this dataset is committed (under a new key)"
+    ),
 ) -> None:
     """Build a dataset artifact (manifest Parquet + tar shards) in the store; prints its key."""
     from locdiff.datasets.registry import REGISTRY
