@@ -125,10 +125,10 @@ def expand_inputs(inputs: Iterable[str]) -> Iterator[Item]:
         elif p.is_file() and p.suffix.lower() in MANIFEST_EXTS:
             _manifest(p)  # validate the columns now
             plans.append(lambda m=p: _manifest(m))
-        elif p.is_file():
+        elif p.exists():  # a file; a FIFO or device becomes a row with the reason it was not read
             plans.append(lambda f=p: iter([Item(f.name, str(f))]))
         elif glob.has_magic(arg):
-            matches = sorted(m for m in glob.glob(arg, recursive=True) if os.path.isfile(m))
+            matches = sorted(m for m in glob.glob(arg, recursive=True) if not os.path.isdir(m))
             if not matches:
                 raise UserError(
                     f"the pattern {arg!r} matches no file", "quote the pattern, e.g. 'photos/**/*.jpg'"
@@ -159,11 +159,9 @@ def read_source(path: str, max_bytes: int = MAX_DOWNLOAD_BYTES, timeout: float =
                 if buf.tell() > max_bytes:
                     raise ImageError(f"download larger than {max_bytes >> 20} MiB")
             return buf.getvalue()
-    with open(path, "rb") as f:
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ImageError(f"file larger than {max_bytes >> 20} MiB")
-    return data
+    from locdiff.datasets.images import read_image_file
+
+    return read_image_file(path, max_bytes)  # a FIFO or device is a reason row, never a hang
 
 
 def image_tensor(data: bytes, preprocess, max_pixels: int | None = None):

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from locdiff.datasets.download import RetryPolicy, fetch_bytes, safe_extract
+from locdiff.datasets.images import ImageError, read_image_file
 from locdiff.datasets.shards import DEFAULT_SHARD_SIZE, ImageRecord, SkipImage, write_dataset
 from locdiff.datasets.validate import validate_file
 from locdiff.errors import UserError
@@ -163,6 +164,9 @@ def prepare_from_manifest(
     if not 0.0 <= max_skip_share <= 1.0:
         raise UserError(f"max_skip_share must be within [0, 1], got {max_skip_share}")
     manifest = Path(manifest)
+    for what, path in (("--manifest", manifest), ("--archive", archive)):
+        if path is not None and not Path(path).is_file():  # a FIFO or device would block the reader
+            raise UserError(f"{what} {path} is not a regular file", f"pass {what} a file")
     archive_sha = None
     if archive is not None:  # extract next to the archive (safely), again when the archive changed
         images_root, archive_sha = _extract_archive(Path(archive))
@@ -224,7 +228,9 @@ def prepare_from_manifest(
                     raise SkipImage(f"download failed after {res.attempts} attempts ({res.error})")
                 return res.data
             try:
-                return path.read_bytes()
+                return read_image_file(path)  # bounded; a FIFO or device is skipped, never read
+            except ImageError as exc:
+                raise SkipImage(f"{exc.reason} ({ref})") from None
             except FileNotFoundError:
                 raise SkipImage(f"file not found ({ref})") from None
             except IsADirectoryError:

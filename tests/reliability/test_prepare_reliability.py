@@ -277,3 +277,19 @@ def test_embed_skips_a_bomb_with_a_reason(tmp_path, store):
     assert man["rows"] == 3 and man["n_skipped"] == 2
     reasons = {s["image_id"]: s["reason"] for s in man["skipped"]}
     assert set(reasons) == {"bomb", "big"} and all("decompression bomb" in r for r in reasons.values())
+
+
+@pytest.mark.timeout(120)  # guards against a hang
+def test_prepare_skips_a_fifo_with_a_reason_and_refuses_a_fifo_manifest(tmp_path, store):
+    import os
+
+    imgs = _images(tmp_path / "imgs", 2)
+    os.mkfifo(imgs / "pipe.jpg")
+    m = _manifest(tmp_path / "m.csv", ["0.jpg", "pipe.jpg", "1.jpg"])
+    key = prepare_from_manifest(store, "fifo", m, images_root=imgs)
+    man = store.manifest(key)
+    assert man["rows"] == 2 and man["n_skipped"] == 1
+    assert man["skipped"][0]["reason"] == "not a regular file (a named pipe) (pipe.jpg)"
+    os.mkfifo(tmp_path / "pipe.csv")
+    with pytest.raises(UserError, match=r"--manifest .*pipe.csv is not a regular file"):
+        prepare_from_manifest(store, "fifo", tmp_path / "pipe.csv", images_root=imgs)
