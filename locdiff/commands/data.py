@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -153,8 +154,8 @@ def _sql_error(exc: Exception) -> UserError:
 
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     text = lines[0] if lines else type(exc).__name__
-    if text.startswith("Error Traceback") and lines:  # raised in Python (our read-only filesystem)
-        text = lines[-1]
+    if any(ln.startswith(("Error Traceback", "Traceback")) for ln in lines):  # raised in Python (our
+        text = lines[-1]  # read-only filesystem): its last line says what, the rest is a traceback
     views = "views: artifacts, datasets, embeddings, runs, curves, predictions, metrics"
     refused = isinstance(exc, duckdb.PermissionException) or "PermissionError" in text or "read-only" in text
     if refused:
@@ -206,6 +207,10 @@ def sql(
         raise UserError(f"unknown --format {fmt!r}", f"allowed: {', '.join(formats)}")
     if fmt == "parquet" and output is None:
         raise UserError("--format parquet needs --output FILE")
+    if not query.strip():
+        raise UserError("the SQL query is empty", 'e.g. locdiff sql "SELECT * FROM runs"')
+    if output is not None:
+        _check_output(output)
     con = connect(
         _store(storage), verify=verify, on_warning=lambda msg: print(f"warning: {msg}", file=sys.stderr)
     )
@@ -256,6 +261,19 @@ def sql(
         Path(output).write_text(text)
     else:
         sys.stdout.write(text)
+
+
+def _check_output(output: Path) -> None:
+    """``--output`` is a local file in an existing folder (a URL would be taken as a local path)."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:/", str(output)):
+        raise UserError(
+            f"--output takes a local file, not a URL: {output}",
+            "write to a local file, then copy it (e.g. `aws s3 cp FILE s3://…`)",
+        )
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder", "name a file, e.g. out.csv")
+    if not output.parent.is_dir():
+        raise UserError(f"--output {output}: the folder {output.parent} does not exist", "create it first")
 
 
 def register(app: typer.Typer) -> None:
