@@ -89,6 +89,10 @@ def prepare(
     force: bool = typer.Option(
         False, "--force", help="rebuild even when this dataset is committed (under a new key)"
     ),
+    id_col: str = typer.Option(None, "--id-col", help="the manifest's image-id column (default: guessed)"),
+    lat_col: str = typer.Option(None, "--lat-col", help="the manifest's latitude column"),
+    lon_col: str = typer.Option(None, "--lon-col", help="the manifest's longitude column"),
+    image_col: str = typer.Option(None, "--image-col", help="the manifest's image path/URL column"),
 ) -> None:
     """Build a dataset artifact (manifest Parquet + tar shards) in the store; prints its key."""
     from locdiff.datasets.registry import REGISTRY
@@ -138,6 +142,10 @@ def prepare(
         allow_protocols=tuple(allow_protocol or ()),
         max_skip_share=max_skip_share,
         force=force,
+        id_col=id_col,
+        lat_col=lat_col,
+        lon_col=lon_col,
+        image_col=image_col,
     )
     man = store.manifest(key)
     print(

@@ -142,3 +142,21 @@ def test_flows_without_a_prefect_server_say_start_the_stack(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "USERERROR no Prefect server" in res.stdout, res.stderr[-2000:]
     assert "locdiff stack up" in res.stdout
+
+
+def test_missing_column_hint_names_options_that_exist(tmp_path):
+    """The missing-column error names --lat-col & co., and they do exist and work."""
+    write_image(tmp_path / "a.jpg")
+    write_image(tmp_path / "b.jpg", color=(200, 10, 10))
+    m = tmp_path / "m.csv"
+    m.write_text("pid,file,y,x\np1,a.jpg,10,20\np2,b.jpg,-5,7\n")
+    store = "file://" + str(tmp_path / "store")
+    code, _, err = cli("datasets", "prepare", "cols", "--manifest", str(m), store=store)
+    assert code == 2 and "missing column(s) lat, lon" in err and "--lat-col" in err, err
+    code, out, err = cli(
+        "datasets", "prepare", "cols", "--manifest", str(m), "--lat-col", "y", "--lon-col", "x",
+        "--id-col", "pid", "--image-col", "file", store=store,
+    )  # fmt: skip
+    assert code == 0, err
+    key = out.strip().splitlines()[-1]
+    assert Store.from_uri(store).manifest(key)["rows"] == 2
