@@ -18,6 +18,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from locdiff.datasets.archives import check_archive
 from locdiff.datasets.download import RetryPolicy, fetch_bytes, safe_extract
 from locdiff.datasets.images import ImageError, read_image_file
 from locdiff.datasets.shards import DEFAULT_SHARD_SIZE, ImageRecord, SkipImage, write_dataset
@@ -61,6 +62,7 @@ def _extract_archive(archive: Path) -> tuple[Path, str]:
     if marker.is_file() and marker.read_text().strip() == digest:
         return target, digest
     tmp = archive.with_name(f".{archive.name}.extracting-{uuid.uuid4().hex[:8]}")
+    check_archive(archive, tmp)  # compression ratio and free disk, from the headers, before any write
     try:
         safe_extract(archive, tmp)
         (tmp / ".locdiff-extracted").write_text(digest)
