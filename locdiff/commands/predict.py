@@ -144,20 +144,32 @@ def expand_inputs(inputs: Iterable[str]) -> Iterator[Item]:
 
 # ------------------------------------------------------------------------------------------ decoding
 def read_source(path: str, max_bytes: int = MAX_DOWNLOAD_BYTES, timeout: float = 30.0) -> bytes:
-    """The bytes of a local file or an http(s) URL (size-capped)."""
+    """The bytes of a local file or an http(s) URL (size-capped; a download gets ``timeout`` per read
+    and 4 x ``timeout`` in all, so a server that drips bytes cannot hold the batch)."""
     if not path:
         raise ImageError("empty path")
     if _is_url(path):
         import requests
+        import urllib3
 
+        deadline = time.monotonic() + 4 * timeout
         with requests.get(path, stream=True, timeout=timeout) as r:
             if r.status_code != 200:
                 raise ImageError(f"HTTP {r.status_code} from {path}")
             buf = io.BytesIO()
-            for chunk in r.iter_content(1 << 16):
-                buf.write(chunk)
-                if buf.tell() > max_bytes:
-                    raise ImageError(f"download larger than {max_bytes >> 20} MiB")
+            if hasattr(r.raw, "read1"):  # urllib3 2: what has arrived, so the deadline is checked
+                chunks = iter(lambda: r.raw.read1(1 << 16, decode_content=True), b"")
+            else:
+                chunks = r.iter_content(1 << 16)
+            try:
+                for chunk in chunks:
+                    buf.write(chunk)
+                    if buf.tell() > max_bytes:
+                        raise ImageError(f"download larger than {max_bytes >> 20} MiB")
+                    if time.monotonic() > deadline:
+                        raise ImageError(f"download took longer than {4 * timeout:g} s")
+            except urllib3.exceptions.HTTPError as exc:  # a raw read's error (timeout, broken body)
+                raise ImageError(f"download failed ({type(exc).__name__})") from None
             return buf.getvalue()
     from locdiff.datasets.images import read_image_file
 

@@ -44,3 +44,39 @@ def test_read_image_file_is_bounded(tmp_path):
         read_image_file("/dev/zero")  # endless: never read
     with pytest.raises(FileNotFoundError):
         read_image_file(tmp_path / "absent.jpg")
+
+
+def test_a_dripping_server_cannot_hold_a_download():
+    """Each read arrives within the per-read timeout, but the whole download has a bound too."""
+    import socket
+    import threading
+    import time
+
+    from locdiff.commands.predict import read_source
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nContent-Type: image/jpeg\r\n\r\n")
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    return
+                time.sleep(0.05)
+
+    t = threading.Thread(target=drip, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(ImageError, match=r"download took longer than 0.8 s"):
+            read_source(f"http://127.0.0.1:{srv.getsockname()[1]}/x.jpg", timeout=0.2)
+    finally:
+        stop.set()
+        srv.close()
+        t.join(timeout=5)
