@@ -103,6 +103,7 @@ def demo_command(
     from locdiff.storage import Store
 
     resolve_config(preset)  # a bad preset is one line now, before the stack is brought up
+    _check_deployments(Stack().root, ["demo"])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.monotonic()
     stack = Stack()
@@ -144,6 +145,20 @@ def demo_command(
     print(f"[demo] done in {time.monotonic() - t0:,.0f} s; `locdiff stack down` stops the stack.")
 
 
+def _check_deployments(root: Path, names: list[str]) -> None:
+    """The project's prefect.yaml exists and names each of ``names``."""
+    import yaml
+
+    path = Path(root) / "prefect.yaml"
+    if not path.is_file():
+        raise UserError(f"no prefect.yaml in {root}", "run it in the project, or set LOCDIFF_PROJECT_DIR")
+    known = [d.get("name") for d in (yaml.safe_load(path.read_text()) or {}).get("deployments") or []]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        names_text = ", ".join(map(repr, unknown))
+        raise UserError(f"no deployment named {names_text} in {path}", f"deployments: {', '.join(known)}")
+
+
 def deploy_command(
     name: list[str] = typer.Option(None, "--name", "-n", help="Deployment(s) to deploy (default: all)."),
 ) -> None:
@@ -151,6 +166,7 @@ def deploy_command(
     from locdiff.stack import Stack, deploy
 
     stack = Stack()
+    _check_deployments(stack.root, list(name or []))  # one line now, before a server is started
     stack.start_server()
     stack.ensure_pool()
     deploy(stack, list(name) if name else None)

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from locdiff.stages.runs import load_checkpoint
@@ -97,6 +98,9 @@ def test_hostile_arguments_give_one_line_errors(tmp_path, tiny_store, run_key, m
         "runs list bad storage": (["runs", "list", "--storage", "s3://"], "bucket"),
         "run without a stack": (["run", "nope/nope"], "stack up"),
         "demo bad preset": (["demo", "--preset", "nope"], "preset"),
+        "demo without prefect.yaml": (["demo"], "no prefect.yaml"),
+        "deploy without prefect.yaml": (["deploy", "--name", "nope"], "no prefect.yaml"),
+        "stack down bad grace": (["stack", "down", "--grace", "soon"], "grace"),
     }  # fmt: skip
     failures = []
     for what, (args, words) in cases.items():
@@ -160,3 +164,16 @@ def test_missing_column_hint_names_options_that_exist(tmp_path):
     assert code == 0, err
     key = out.strip().splitlines()[-1]
     assert Store.from_uri(store).manifest(key)["rows"] == 2
+
+
+def test_deploy_names_are_checked_before_a_server_starts():
+    from pathlib import Path
+
+    from locdiff.commands.run import _check_deployments
+    from locdiff.errors import UserError
+
+    root = Path(__file__).resolve().parents[2]
+    _check_deployments(root, ["demo", "default"])
+    with pytest.raises(UserError, match=r"no deployment named 'nope'.*prefect.yaml") as info:
+        _check_deployments(root, ["demo", "nope"])
+    assert "demo" in info.value.hint
