@@ -13,9 +13,12 @@ CPU and is answered, never a 500:
   DCT scale the decoder uses) are summed from the headers, before any image is decoded, and a request
   above ``--max-request-pixels`` is a 413.
 
-Peak memory is then about the idle process + 2 x ``--max-inflight-bytes`` (a body and its base64-decoded
-images) + ``decode_workers`` images of at most ``--max-pixels`` being decoded + the batch being
-inferred; ``tests/product/test_serve_load.py`` checks it under 200 concurrent clients.
+The documented budget of peak memory above the idle (warmed-up) process is then
+:func:`peak_budget_bytes`: 2 x ``--max-inflight-bytes`` (a body and its base64-decoded images) +
+``decode_workers`` images of at most ``--max-pixels`` being decoded (4 bytes a pixel at worst) +
+:data:`CONNECTION_BYTES` per open connection (what uvicorn and asyncio buffer before the app reads:
+h11's 64 KiB high-water mark + one 256 KiB ``recv``) + 16 MiB. ``tests/product/test_serve_load.py``
+checks it under 200 concurrent clients.
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ import io
 
 MAX_JSON_CONTAINERS = 8  # {"images": [...]} holds 2
 RETRY_AFTER_S = 1
+CONNECTION_BYTES = (64 + 256) << 10
+SLACK_BYTES = 16 << 20
+
+
+def peak_budget_bytes(max_inflight_bytes: int, decode_workers: int, max_pixels: int, connections: int) -> int:
+    """How far the server's peak RSS may rise above its idle RSS (see the module docstring)."""
+    decoding = decode_workers * max_pixels * 4
+    return 2 * max_inflight_bytes + decoding + connections * CONNECTION_BYTES + SLACK_BYTES
 
 
 class Admission:
