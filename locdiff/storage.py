@@ -721,6 +721,8 @@ class ArtifactWriter:
 
     # ---- context manager
     def __enter__(self) -> ArtifactWriter:
+        if self.store.exists(self.key):  # a key names its content: a rebuild takes a new key
+            raise ValueError(f"{self.key} is committed; a committed key is never rewritten")
         self._active = True
         return self
 
