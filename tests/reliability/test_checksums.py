@@ -219,3 +219,11 @@ def test_s3_array_cache_is_private_and_checked_on_reuse(s3_store, tmp_path, monk
         os.chown(cache, 4242, -1)
         with pytest.raises(UserError, match="array cache .* not a folder of this user's"):
             rows(s3_store)
+
+
+def test_a_committed_key_is_never_rewritten(store):
+    key, payload = _artifact(store)
+    with pytest.raises(ValueError, match="is committed; a committed key is never rewritten"):
+        with store.writer(key) as w:
+            w.write_bytes("blob.bin", b"other bytes")
+    assert store.read_bytes(key, "blob.bin") == payload and store.verify(key) == []
