@@ -82,6 +82,10 @@ def main() -> None:
     except UserError as exc:
         _fail(exc, 2)
     except Exception as exc:
+        from locdiff_core.checkpoint import CheckpointError
+
+        if isinstance(exc, CheckpointError):  # a checkpoint that does not load: what is wrong, one line
+            _fail(UserError(str(exc), "pass a checkpoint locdiff wrote for this config, or retrain"), 2)
         err = environment_error(exc)  # access denied, unreachable endpoint, EROFS, ENOSPC, ...
         if err is None:
             raise  # a bug: keep the traceback

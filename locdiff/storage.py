@@ -55,6 +55,10 @@ class ArtifactNotFoundError(UserError):
     """The requested artifact (or a file of it) is not committed in the store."""
 
 
+class InvalidNameError(UserError, ValueError):
+    """A dataset/artifact name a key cannot hold (spaces, control characters, a trailing newline)."""
+
+
 class ChecksumMismatchError(UserError):
     """A committed file's bytes differ from its manifest (tampered, truncated or bit-rotted)."""
 
@@ -152,7 +156,7 @@ def _check_relpath(relpath: str) -> str:
 
 
 def _check_key(key: str) -> str:
-    if not isinstance(key, str) or not _KEY_RE.match(key) or ".." in key.split("/"):
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key) or ".." in key.split("/"):
         raise ValueError(f"not a store key (expected '<stage>/<name>/<16 hex digits>'): {key!r}")
     return key
 
@@ -252,10 +256,13 @@ class Store:
     # ---- keys
     def key(self, stage: str, name: str, version: str, config: dict, upstream: Iterable[str] = ()) -> str:
         """Content-addressed key ``<stage>/<name>/<hash16>``; hash of stage, version, config, upstream."""
-        if not _STAGE_RE.match(stage or ""):
+        if not _STAGE_RE.fullmatch(stage or ""):
             raise ValueError(f"stage must match {_STAGE_RE.pattern}, got {stage!r}")
-        if not _NAME_RE.match(name or ""):
-            raise ValueError(f"name must be path-like ({_NAME_RE.pattern}), got {name!r}")
+        if not _NAME_RE.fullmatch(name or ""):  # fullmatch: '$' would let a trailing newline through
+            raise InvalidNameError(
+                f"invalid artifact name {name!r}",
+                "use letters, digits, '_', '.', '-', '=' (parts separated by '/'), e.g. mp16",
+            )
         upstream = sorted(str(u) for u in upstream)
         payload = canonical_json(
             {"stage": stage, "version": str(version), "config": config, "upstream": upstream}
@@ -436,7 +443,7 @@ class Store:
             rel = p[len(self._base) + 1 : -len(MANIFEST) - 1] if p.startswith(self._base) else None
             if rel is None:
                 rel = p.split("://", 1)[-1][len(self._base.split("://", 1)[-1]) + 1 : -len(MANIFEST) - 1]
-            if not _KEY_RE.match(rel):
+            if not _KEY_RE.fullmatch(rel):
                 continue
             man = self._read_manifest(rel)
             if man is not None:
@@ -714,6 +721,8 @@ class ArtifactWriter:
 
     # ---- context manager
     def __enter__(self) -> ArtifactWriter:
+        if self.store.exists(self.key):  # a key names its content: a rebuild takes a new key
+            raise ValueError(f"{self.key} is committed; a committed key is never rewritten")
         self._active = True
         return self
 

@@ -85,7 +85,14 @@ def load_model(checkpoint: dict, *, use_ema: bool = True) -> tuple[LocDiffConfig
     try:
         model.load_state_dict(checkpoint["ema" if use_ema else "model"])
     except (KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"the checkpoint's weights do not fit its config: {exc}") from None
+        what = " ".join(str(exc).split())  # torch lists every mismatch on a line of its own
+        raise CheckpointError(
+            f"the checkpoint's weights do not fit its config: {what[:300]}{'…' if len(what) > 300 else ''}"
+        ) from None
+    weights = model.state_dict().items()
+    bad = next((n for n, t in weights if t.is_floating_point() and not t.isfinite().all()), None)
+    if bad is not None:  # a diverged run: it would predict NaN for every image
+        raise CheckpointError(f"the checkpoint's weights hold NaN or infinite values (first: {bad})")
     return config, model
 
 

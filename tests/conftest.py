@@ -7,6 +7,14 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--all-fault-points",
+        action="store_true",
+        help="tests/faults: run the whole fault sweep (24 points) instead of its 6 representative ones",
+    )
+
+
 # --- data area: real local servers (tests/servers.py), shared per session where they are slow to start
 import pytest  # noqa: E402
 

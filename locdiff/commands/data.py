@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -85,7 +86,6 @@ def prepare(
         max=1.0,
         help="refuse to commit when more than this share of rows is left out (1.0 accepts any)",
     ),
-    force: bool = typer.Option(False, "--force", help="rebuild even when this dataset is committed"),
     image_size: int = typer.Option(
         224,
         "--image-size",
@@ -99,6 +99,13 @@ def prepare(
     per_host: int = typer.Option(128, "--per-host", min=1, help="downloads: requests in flight to one host"),
     timeout: float = typer.Option(20.0, "--timeout", min=0.1, help="downloads: connect/read timeout (s)"),
     dns_cache: int = typer.Option(600, "--dns-cache", min=0, help="downloads: seconds to cache DNS answers"),
+    force: bool = typer.Option(
+        False, "--force", help="rebuild even when this dataset is committed (under a new key)"
+    ),
+    id_col: str = typer.Option(None, "--id-col", help="the manifest's image-id column (default: guessed)"),
+    lat_col: str = typer.Option(None, "--lat-col", help="the manifest's latitude column"),
+    lon_col: str = typer.Option(None, "--lon-col", help="the manifest's longitude column"),
+    image_col: str = typer.Option(None, "--image-col", help="the manifest's image path/URL column"),
 ) -> None:
     """Build a dataset artifact (manifest Parquet + tar shards) in the store; prints its key.
 
@@ -154,6 +161,10 @@ def prepare(
         max_skip_share=max_skip_share,
         force=force,
         download=download,
+        id_col=id_col,
+        lat_col=lat_col,
+        lon_col=lon_col,
+        image_col=image_col,
     )
     man = store.manifest(key)
     print(
@@ -247,8 +258,8 @@ def _sql_error(exc: Exception) -> UserError:
 
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     text = lines[0] if lines else type(exc).__name__
-    if text.startswith("Error Traceback") and lines:  # raised in Python (our read-only filesystem)
-        text = lines[-1]
+    if any(ln.startswith(("Error Traceback", "Traceback")) for ln in lines):  # raised in Python (our
+        text = lines[-1]  # read-only filesystem): its last line says what, the rest is a traceback
     views = "views: artifacts, datasets, embeddings, runs, curves, predictions, metrics"
     refused = isinstance(exc, duckdb.PermissionException) or "PermissionError" in text or "read-only" in text
     if refused:
@@ -300,6 +311,10 @@ def sql(
         raise UserError(f"unknown --format {fmt!r}", f"allowed: {', '.join(formats)}")
     if fmt == "parquet" and output is None:
         raise UserError("--format parquet needs --output FILE")
+    if not query.strip():
+        raise UserError("the SQL query is empty", 'e.g. locdiff sql "SELECT * FROM runs"')
+    if output is not None:
+        _check_output(output)
     con = connect(
         _store(storage), verify=verify, on_warning=lambda msg: print(f"warning: {msg}", file=sys.stderr)
     )
@@ -350,6 +365,19 @@ def sql(
         Path(output).write_text(text)
     else:
         sys.stdout.write(text)
+
+
+def _check_output(output: Path) -> None:
+    """``--output`` is a local file in an existing folder (a URL would be taken as a local path)."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:/", str(output)):
+        raise UserError(
+            f"--output takes a local file, not a URL: {output}",
+            "write to a local file, then copy it (e.g. `aws s3 cp FILE s3://…`)",
+        )
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder", "name a file, e.g. out.csv")
+    if not output.parent.is_dir():
+        raise UserError(f"--output {output}: the folder {output.parent} does not exist", "create it first")
 
 
 def register(app: typer.Typer) -> None:

@@ -125,10 +125,10 @@ def expand_inputs(inputs: Iterable[str]) -> Iterator[Item]:
         elif p.is_file() and p.suffix.lower() in MANIFEST_EXTS:
             _manifest(p)  # validate the columns now
             plans.append(lambda m=p: _manifest(m))
-        elif p.is_file():
+        elif p.exists():  # a file; a FIFO or device becomes a row with the reason it was not read
             plans.append(lambda f=p: iter([Item(f.name, str(f))]))
         elif glob.has_magic(arg):
-            matches = sorted(m for m in glob.glob(arg, recursive=True) if os.path.isfile(m))
+            matches = sorted(m for m in glob.glob(arg, recursive=True) if not os.path.isdir(m))
             if not matches:
                 raise UserError(
                     f"the pattern {arg!r} matches no file", "quote the pattern, e.g. 'photos/**/*.jpg'"
@@ -144,26 +144,36 @@ def expand_inputs(inputs: Iterable[str]) -> Iterator[Item]:
 
 # ------------------------------------------------------------------------------------------ decoding
 def read_source(path: str, max_bytes: int = MAX_DOWNLOAD_BYTES, timeout: float = 30.0) -> bytes:
-    """The bytes of a local file or an http(s) URL (size-capped)."""
+    """The bytes of a local file or an http(s) URL (size-capped; a download gets ``timeout`` per read
+    and 4 x ``timeout`` in all, so a server that drips bytes cannot hold the batch)."""
     if not path:
         raise ImageError("empty path")
     if _is_url(path):
         import requests
+        import urllib3
 
+        deadline = time.monotonic() + 4 * timeout
         with requests.get(path, stream=True, timeout=timeout) as r:
             if r.status_code != 200:
                 raise ImageError(f"HTTP {r.status_code} from {path}")
             buf = io.BytesIO()
-            for chunk in r.iter_content(1 << 16):
-                buf.write(chunk)
-                if buf.tell() > max_bytes:
-                    raise ImageError(f"download larger than {max_bytes >> 20} MiB")
+            if hasattr(r.raw, "read1"):  # urllib3 2: what has arrived, so the deadline is checked
+                chunks = iter(lambda: r.raw.read1(1 << 16, decode_content=True), b"")
+            else:
+                chunks = r.iter_content(1 << 16)
+            try:
+                for chunk in chunks:
+                    buf.write(chunk)
+                    if buf.tell() > max_bytes:
+                        raise ImageError(f"download larger than {max_bytes >> 20} MiB")
+                    if time.monotonic() > deadline:
+                        raise ImageError(f"download took longer than {4 * timeout:g} s")
+            except urllib3.exceptions.HTTPError as exc:  # a raw read's error (timeout, broken body)
+                raise ImageError(f"download failed ({type(exc).__name__})") from None
             return buf.getvalue()
-    with open(path, "rb") as f:
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ImageError(f"file larger than {max_bytes >> 20} MiB")
-    return data
+    from locdiff.datasets.images import read_image_file
+
+    return read_image_file(path, max_bytes)  # a FIFO or device is a reason row, never a hang
 
 
 def image_tensor(data: bytes, preprocess, max_pixels: int | None = None):

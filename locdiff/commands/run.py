@@ -37,15 +37,30 @@ def _stack_for_flows():
     return st if st.server_healthy() else None
 
 
-def _run_flow_in_process(fn, **params):
-    """Run a flow here, against the local stack when it is up."""
-    stack = _stack_for_flows()
-    if stack is None:
-        return fn(**params)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+EPHEMERAL_STARTUP_S = 120  # seconds to wait for Prefect's temporary server when the stack is not up
 
-    with temporary_settings(updates={PREFECT_API_URL: stack.api_url}):
-        return fn(**params)
+
+def _run_flow_in_process(fn, **params):
+    """Run a flow here, against the local stack when it is up, else against a temporary Prefect server
+    that must answer within ``EPHEMERAL_STARTUP_S`` seconds (or ``$PREFECT_SERVER_EPHEMERAL_STARTUP_
+    TIMEOUT_SECONDS``); when it does not, a one-line error says to start the stack."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP
+
+    stack = _stack_for_flows()
+    wait = int(os.environ.get(STARTUP.name) or EPHEMERAL_STARTUP_S)
+    updates = {PREFECT_API_URL: stack.api_url} if stack is not None else {STARTUP: wait}
+    try:
+        with temporary_settings(updates=updates):
+            return fn(**params)
+    except RuntimeError as exc:
+        if "ephemeral Prefect API server" not in str(exc):
+            raise
+        raise UserError(
+            f"no Prefect server: the local stack is not up and a temporary server did not answer within "
+            f"{wait} s",
+            "start the stack with `locdiff stack up` (this command then reuses it) and re-run",
+        ) from None
 
 
 class _LogTail:
@@ -84,8 +99,11 @@ def demo_command(
     the run's page in the Prefect UI.
     """
     from locdiff.stack import Stack, deploy, flow_run_url, run_deployment, wait_flow_run
+    from locdiff.stages.runs import resolve_config
     from locdiff.storage import Store
 
+    resolve_config(preset)  # a bad preset is one line now, before the stack is brought up
+    _check_deployments(Stack().root, ["demo"])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.monotonic()
     stack = Stack()
@@ -127,6 +145,20 @@ def demo_command(
     print(f"[demo] done in {time.monotonic() - t0:,.0f} s; `locdiff stack down` stops the stack.")
 
 
+def _check_deployments(root: Path, names: list[str]) -> None:
+    """The project's prefect.yaml exists and names each of ``names``."""
+    import yaml
+
+    path = Path(root) / "prefect.yaml"
+    if not path.is_file():
+        raise UserError(f"no prefect.yaml in {root}", "run it in the project, or set LOCDIFF_PROJECT_DIR")
+    known = [d.get("name") for d in (yaml.safe_load(path.read_text()) or {}).get("deployments") or []]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        names_text = ", ".join(map(repr, unknown))
+        raise UserError(f"no deployment named {names_text} in {path}", f"deployments: {', '.join(known)}")
+
+
 def deploy_command(
     name: list[str] = typer.Option(None, "--name", "-n", help="Deployment(s) to deploy (default: all)."),
 ) -> None:
@@ -134,6 +166,7 @@ def deploy_command(
     from locdiff.stack import Stack, deploy
 
     stack = Stack()
+    _check_deployments(stack.root, list(name or []))  # one line now, before a server is started
     stack.start_server()
     stack.ensure_pool()
     deploy(stack, list(name) if name else None)
@@ -181,16 +214,18 @@ def train_command(
     """Run the train-mp16 pipeline in this process (against the local stack when it is up)."""
     from locdiff.ddp import resolve_nproc
     from locdiff.flows.train_mp16 import train_mp16
+    from locdiff.stages.runs import resolve_config
 
     if nproc is not None:
         resolve_nproc(nproc)  # checked now, before any stage runs
-
+    overrides = _parse_params(override)
+    resolve_config(preset, overrides)  # one line now, not a failed flow run's traceback in its log
     out = _run_flow_in_process(
         train_mp16,
         dataset=dataset,
         encoder=encoder,
         preset=preset,
-        overrides=_parse_params(override),
+        overrides=overrides,
         eval_datasets=list(eval_dataset or []),
         baselines=["most-common-region"],
         nproc=nproc,
@@ -369,6 +404,9 @@ def sample_images_command(
 
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} exists and is not a folder", "pass a new or existing folder")
+    above = next((p for p in folder.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"cannot create {folder}: {above} is not a folder", "pass a new or existing folder")
     manifest = write_sample_images(folder, n=n, seed=seed)
     print(f"{n} tiles in {folder}/; true coordinates in {manifest}")
 

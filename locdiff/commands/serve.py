@@ -12,10 +12,13 @@ Endpoints:
   LocDiff-H, credible radii)}]}``.
 
 Bad input is a 4xx with a reason (``{"detail": ...}``), never a 500: an empty body or a non-image is 400,
-a body above ``--max-bytes`` or an image above ``--max-pixels`` is 413, a JSON body of the wrong shape
-is 422. Images are decoded on a thread pool per request; the encoder + diffusion run in one inference
-thread that takes every image waiting (up to ``--max-batch``, after waiting at most ``--max-wait-ms``
-for more to arrive), so concurrent requests share one forward pass. ``--max-batch 1`` turns batching
+a body above ``--max-bytes``, an image above ``--max-pixels`` or a request whose images decode to more
+than ``--max-request-pixels`` is 413, a JSON body of the wrong shape (or nested: more than a few
+arrays/objects) is 422. A request that would take the server past ``--max-inflight`` requests or
+``--max-inflight-bytes`` of bodies is a 503 with ``Retry-After`` (``locdiff.commands.serve_limits``).
+Images are decoded on a thread pool per request; the encoder + diffusion run in one inference thread
+that takes every image waiting (up to ``--max-batch``, after waiting at most ``--max-wait-ms`` for more
+to arrive), so concurrent requests share one forward pass. ``--max-batch 1`` turns batching
 off (the reference for the load test, ``benchmarks/bench_serve.py``).
 """
 
@@ -33,6 +36,8 @@ from locdiff.errors import UserError
 DEFAULT_MAX_BYTES = 16 << 20
 DEFAULT_MAX_PIXELS = 40_000_000
 MAX_IMAGES_PER_REQUEST = 64
+DEFAULT_MAX_INFLIGHT = 32  # requests in progress at once
+DEFAULT_MAX_REQUEST_PIXELS = 100_000_000  # decoded pixels per request (~2-3 s of decoding)
 
 
 @dataclass
@@ -43,6 +48,10 @@ class ServeConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_workers: int = 2
     seed: int = 0
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
+    max_inflight_bytes: int = 4 * DEFAULT_MAX_BYTES  # bodies of the requests in progress, together
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+    body_timeout_s: float = 60.0  # a body not received within this is a 408 (a slow client holds a slot)
 
 
 class Batcher:
@@ -137,9 +146,11 @@ def create_app(model, cfg: ServeConfig | None = None):
     from fastapi import FastAPI, HTTPException, Request
 
     from locdiff.commands.predict import image_tensor
+    from locdiff.commands.serve_limits import RETRY_AFTER_S, Admission, request_pixels
     from locdiff.datasets.images import ImageError
 
     cfg = cfg or ServeConfig()
+    admission = Admission(cfg.max_inflight, cfg.max_inflight_bytes)
     decode_pool = ThreadPoolExecutor(
         max_workers=max(1, cfg.decode_workers), thread_name_prefix="locdiff-decode"
     )
@@ -165,8 +176,18 @@ def create_app(model, cfg: ServeConfig | None = None):
             hint = "" if exc.too_large else " (send JPEG, PNG or WebP bytes)"
             raise HTTPException(413 if exc.too_large else 400, where + exc.reason + hint) from None
 
-    async def read_body(request: Request) -> bytes:
+    def busy(what: str) -> HTTPException:
+        return HTTPException(
+            503, f"busy: {what}; retry in {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
+
+    async def read_body(request: Request, held: list[int], admitted: bool) -> bytearray:
+        """The body, streamed against ``--max-bytes`` within ``body_timeout_s``; its bytes are reserved
+        from the in-flight budget (``held[0]``), and a request that is not admitted or does not fit is
+        read to the end, dropped, and answered 503."""
         length = request.headers.get("content-length")
+        refused = None if admitted else f"{cfg.max_inflight} requests in progress"
+        full = "the bodies of the requests in progress fill the memory budget"
         if length is not None:
             try:
                 n = int(length)
@@ -174,13 +195,29 @@ def create_app(model, cfg: ServeConfig | None = None):
                 raise HTTPException(400, "bad Content-Length header") from None
             if n > cfg.max_bytes:
                 raise HTTPException(413, f"request body is {n:,} bytes, above the limit of {cfg.max_bytes:,}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cfg.max_bytes:
-                raise HTTPException(413, f"request body is above the limit of {cfg.max_bytes:,} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+            if refused is None and admission.reserve(n):
+                held[0] = n
+            elif refused is None:
+                refused = full
+        body, size = bytearray(), 0
+        try:
+            async with asyncio.timeout(cfg.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > cfg.max_bytes:
+                        raise HTTPException(413, f"request body is above the limit of {cfg.max_bytes:,} B")
+                    if refused is None and size > held[0]:
+                        if admission.reserve(size - held[0]):
+                            held[0] = size
+                        else:
+                            refused, body = full, bytearray()
+                    if refused is None:
+                        body += chunk  # else read and dropped: the client gets the 503, not a reset
+        except TimeoutError:
+            raise HTTPException(408, f"the body did not arrive within {cfg.body_timeout_s:g} s") from None
+        if refused is not None:
+            raise busy(refused)
+        return body
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -207,19 +244,34 @@ def create_app(model, cfg: ServeConfig | None = None):
 
     @app.post("/predict")
     async def predict(request: Request) -> dict:
-        body = await read_body(request)
-        if not body:
-            raise HTTPException(400, 'empty body: POST the image bytes, or JSON {"images": [base64, ...]}')
-        ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-        if ctype == "application/json":
-            datas = _json_images(body)
-            indexed = list(enumerate(datas))
-        else:
-            indexed = [(None, body)]
-        loop = asyncio.get_running_loop()
-        tensors = await asyncio.gather(*(loop.run_in_executor(decode_pool, decode, d, i) for i, d in indexed))
-        rows = await state["batcher"].submit(list(tensors))
-        return {"model": model.run_key, "predictions": [to_json(r) for r in rows]}
+        admitted, held = admission.enter(), [0]
+        try:
+            body = await read_body(request, held, admitted)
+            if not body:
+                raise HTTPException(400, 'empty body: POST image bytes, or JSON {"images": [base64, ...]}')
+            ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+            loop = asyncio.get_running_loop()
+            if ctype == "application/json":  # parsed off the event loop: /health keeps answering
+                datas = await loop.run_in_executor(decode_pool, _json_images, body)
+                indexed = list(enumerate(datas))
+            else:
+                datas, indexed = [body], [(None, body)]
+            draft = getattr(model.encoder.preprocess, "size", None)
+            pixels = await loop.run_in_executor(decode_pool, request_pixels, [d for _, d in indexed], draft)
+            if pixels > cfg.max_request_pixels:
+                limit = cfg.max_request_pixels
+                raise HTTPException(
+                    413, f"the images decode to {pixels:,} pixels, above the limit of {limit:,} per request"
+                )
+            tensors = await asyncio.gather(
+                *(loop.run_in_executor(decode_pool, decode, d, i) for i, d in indexed)
+            )
+            del body, datas, indexed  # from here on only the tensors are held
+            rows = await state["batcher"].submit(list(tensors))
+            return {"model": model.run_key, "predictions": [to_json(r) for r in rows]}
+        finally:
+            if admitted:
+                admission.leave(held[0])
 
     return app
 
@@ -229,6 +281,12 @@ def _json_images(body: bytes) -> list[bytes]:
 
     from fastapi import HTTPException
 
+    from locdiff.commands.serve_limits import check_json_containers
+
+    try:
+        check_json_containers(body)  # also bounds the nesting depth, before the parser recurses
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -265,6 +323,13 @@ def serve_command(
     max_wait_ms: float = typer.Option(5.0, help="How long the first image of a batch waits for others."),
     max_bytes: int = typer.Option(DEFAULT_MAX_BYTES, help="Largest request body (bytes)."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Largest image (width x height)."),
+    max_request_pixels: int = typer.Option(
+        DEFAULT_MAX_REQUEST_PIXELS, help="Most decoded pixels of one request's images together."
+    ),
+    max_inflight: int = typer.Option(DEFAULT_MAX_INFLIGHT, help="Most requests in progress (else 503)."),
+    max_inflight_bytes: int = typer.Option(
+        None, help="Most body bytes of the requests in progress together (else 503); default 4 x --max-bytes."
+    ),
     storage: str = typer.Option(
         None, "--storage", help="Store URI (default: $LOCDIFF_STORAGE or data/store)."
     ),
@@ -277,13 +342,22 @@ def serve_command(
 
     if max_batch < 1 or max_wait_ms < 0 or max_bytes < 1 or max_pixels < 1:
         raise UserError("--max-batch, --max-bytes and --max-pixels must be >= 1, --max-wait-ms >= 0")
+    max_inflight_bytes = 4 * max_bytes if max_inflight_bytes is None else max_inflight_bytes
+    if max_inflight < 1 or max_inflight_bytes < max_bytes or max_request_pixels < max_pixels:
+        raise UserError(
+            "--max-inflight must be >= 1, --max-inflight-bytes >= --max-bytes, "
+            "--max-request-pixels >= --max-pixels",
+            "the defaults: 32 requests, 4 x --max-bytes, 100,000,000 pixels",
+        )
     if not 0 < port < 65536:
         raise UserError(f"--port {port} is not a TCP port", "e.g. --port 8000")
     _check_bind(host, port)
     m = load_model(model, storage, None, device)
     cfg = ServeConfig(
-        max_batch=max_batch, max_wait_ms=max_wait_ms, max_bytes=max_bytes, max_pixels=max_pixels
-    )
+        max_batch=max_batch, max_wait_ms=max_wait_ms, max_bytes=max_bytes, max_pixels=max_pixels,
+        max_inflight=max_inflight, max_inflight_bytes=max_inflight_bytes,
+        max_request_pixels=max_request_pixels,
+    )  # fmt: skip
     app = create_app(m, cfg)
     print(
         f"serving {m.run_key} on http://{host}:{port} (device {m.device}, max batch {max_batch})", flush=True

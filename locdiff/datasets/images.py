@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS (warned there, refused here)
+MAX_IMAGE_BYTES = 64 << 20  # one image file read from a user path (prepare, predict)
 
 
 class ImageError(ValueError):
@@ -24,6 +25,27 @@ class ImageError(ValueError):
         super().__init__(reason)
         self.reason = reason
         self.too_large = too_large
+
+
+def read_image_file(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of a local image file, bounded: a FIFO, device, socket or folder is an
+    :class:`ImageError` at once (opened non-blocking and checked with ``fstat``, so a named pipe never
+    blocks the reader), and so is a file over ``max_bytes`` (never read past it). OSErrors of the open
+    itself (not found, permission) pass through."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISDIR: "a folder", stat.S_ISSOCK: "a socket"}
+        kind = next((k for test, k in kinds.items() if test(mode)), "a device")
+        raise ImageError(f"not a regular file ({kind})")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageError(f"file larger than {max_bytes >> 20} MiB", too_large=True)
+    return data
 
 
 def decode_image(

@@ -20,8 +20,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from locdiff.datasets.archives import check_archive
 from locdiff.datasets.download import RetryPolicy, safe_extract
 from locdiff.datasets.downloader import DownloadOptions, NothingRecovered, download_dataset, retry_target
+from locdiff.datasets.images import ImageError, read_image_file
 from locdiff.datasets.shards import DEFAULT_SHARD_SIZE, ImageRecord, SkipImage, write_dataset
 from locdiff.datasets.validate import validate_file
 from locdiff.errors import UserError
@@ -63,6 +65,7 @@ def _extract_archive(archive: Path) -> tuple[Path, str]:
     if marker.is_file() and marker.read_text().strip() == digest:
         return target, digest
     tmp = archive.with_name(f".{archive.name}.extracting-{uuid.uuid4().hex[:8]}")
+    check_archive(archive, tmp)  # compression ratio and free disk, from the headers, before any write
     try:
         safe_extract(archive, tmp)
         (tmp / ".locdiff-extracted").write_text(digest)
@@ -159,7 +162,8 @@ def prepare_from_manifest(
     """Validate ``manifest`` and build the dataset artifact; returns its key (reused when committed).
 
     The key covers the manifest's bytes, the images root, the archive's sha256 and every local image's
-    size and mtime, so changed inputs build a new artifact; ``force`` rebuilds a committed one. A build
+    size and mtime, so changed inputs build a new artifact; ``force`` rebuilds a committed one under a new
+    key (``config["rebuild_of"]`` names the one it replaces; a committed key is never rewritten). A build
     with no usable image, or whose share of rows left out (skipped or without coordinates) exceeds
     ``max_skip_share``, is not committed: :class:`DatasetBuildError` gives the counts of why.
     A manifest with remote images is downloaded by :mod:`locdiff.datasets.downloader` (``download``:
@@ -168,6 +172,9 @@ def prepare_from_manifest(
     if not 0.0 <= max_skip_share <= 1.0:
         raise UserError(f"max_skip_share must be within [0, 1], got {max_skip_share}")
     manifest = Path(manifest)
+    for what, path in (("--manifest", manifest), ("--archive", archive)):
+        if path is not None and not Path(path).is_file():  # a FIFO or device would block the reader
+            raise UserError(f"{what} {path} is not a regular file", f"pass {what} a file")
     archive_sha = None
     if archive is not None:  # extract next to the archive (safely), again when the archive changed
         images_root, archive_sha = _extract_archive(Path(archive))
@@ -218,14 +225,21 @@ def prepare_from_manifest(
     key = store.key(STAGE, name, VERSION, config)
     if remote and not force:  # a committed build with transient failures is retried under a new key
         key, config, previous = retry_target(store, STAGE, name, VERSION, config)
-    if store.exists(key) and not force:
-        return key
+    if store.exists(key):
+        if not force:
+            return key
+        # --force never rewrites a committed key: the rebuild gets an identity of its own, so every
+        # artifact keyed on the old dataset (embeddings, targets, runs, evaluations) is built anew
+        config["rebuild_of"], config["rebuild_nonce"] = key, uuid.uuid4().hex
+        key = store.key(STAGE, name, VERSION, config)
 
     def loader(ref: str):
         def load() -> bytes:
             path = resolver.local_path(ref)  # never None here: remote manifests go to _download
             try:
-                return path.read_bytes()
+                return read_image_file(path)  # bounded; a FIFO or device is skipped, never read
+            except ImageError as exc:
+                raise SkipImage(f"{exc.reason} ({ref})") from None
             except FileNotFoundError:
                 raise SkipImage(f"file not found ({ref})") from None
             except IsADirectoryError:

@@ -53,17 +53,16 @@ def get_or_build(
     config: dict,
     upstream: Iterable[str],
     build: Callable[[ArtifactWriter], None],
-    *,
-    force: bool = False,
 ) -> str:
     """The key of ``stage``'s artifact for (config, upstream): reused when committed, else built.
 
     ``build(writer)`` writes the files (parts it commits survive a crash; the next attempt's writer
-    reports them done) and the artifact is committed when it returns. ``force`` rebuilds a committed one.
+    reports them done) and the artifact is committed when it returns. A committed key is never rebuilt
+    (its content is what its key names): a rebuild takes a different config or upstream.
     """
     upstream = list(upstream)
     key = stage_key(store, stage, name, config, upstream)
-    if store.exists(key) and not force:
+    if store.exists(key):
         return key
     with store.writer(key, config=config, upstream=upstream, resume=True) as w:
         build(w)

@@ -33,7 +33,7 @@ LATEST = "latest"  # reserved: always the newest committed run
 def check_name(name: str) -> str:
     if name == LATEST:
         raise UserError(f"{LATEST!r} is reserved (it always means the newest run)", "pick another name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise UserError(
             f"invalid model name {name!r}",
             "a name starts with a letter and holds letters, digits, '.', '_' or '-' (at most 64), e.g. prod",

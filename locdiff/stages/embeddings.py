@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from locdiff.datasets import shards as ds
 from locdiff.encoders import OFFLINE_ENCODER, Encoder, load_encoder
+from locdiff.errors import UserError
 from locdiff.stages import get_or_build, stage_key
 from locdiff.storage import ArtifactWriter, Key, Store
 
@@ -576,10 +577,57 @@ def _join_pieces(pieces: list[tuple]) -> tuple:
 
 
 # --------------------------------------------------------------------------------------------- mapping
+MMAP_CACHE_ENV = "LOCDIFF_MMAP_CACHE"
+
+
 def _mmap_cache_dir() -> str:
+    """The local cache of S3 arrays: ``$LOCDIFF_MMAP_CACHE``, else ``<tmp>/locdiff-mmap-<uid>``; created
+    with mode 0700 and refused (UserError) unless it is a real folder owned by this user that no one
+    else can write (a shared cache could be filled with anything under a checksum's name); every file in
+    it is hashed again before it is used (:func:`_cache_ok`)."""
+    import stat
     import tempfile
 
-    return os.environ.get("LOCDIFF_MMAP_CACHE") or os.path.join(tempfile.gettempdir(), "locdiff-mmap")
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    path = os.environ.get(MMAP_CACHE_ENV) or os.path.join(
+        tempfile.gettempdir(), "locdiff-mmap" if uid is None else f"locdiff-mmap-{uid}"
+    )
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if uid is not None and (not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o022):
+        raise UserError(
+            f"the array cache {path} is not a folder of this user's (uid {uid}) that only it can write",
+            f"`chmod 700` it if it is yours, else remove it or point ${MMAP_CACHE_ENV} at a folder of yours",
+        )
+    return path
+
+
+# cache file -> (size, mtime_ns, inode, ctime_ns) when this process last hashed it against its checksum
+_CACHE_STAMPS: dict[str, tuple[int, int, int, int]] = {}
+
+
+def _stamp(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
+def _cache_ok(path: str, sha256: str) -> bool:
+    """Whether a cached array holds the bytes of its checksum: hashed whole the first time this process
+    uses it, then trusted while its size, mtime, inode and ctime stay as they were when hashed."""
+    import fsspec
+
+    from locdiff.storage import hash_file
+
+    try:
+        stamp = _stamp(path)
+    except FileNotFoundError:
+        return False
+    if _CACHE_STAMPS.get(path) == stamp:
+        return True
+    if hash_file(fsspec.filesystem("file"), path)[0] != sha256:
+        return False
+    _CACHE_STAMPS[path] = stamp
+    return True
 
 
 def _drop_page_cache(path: str) -> None:
@@ -614,12 +662,17 @@ class MappedArrays:
 
         entry = next(f for f in self.store.manifest(key)["files"] if f["relpath"] == relpath)
         path = os.path.join(_mmap_cache_dir(), entry["sha256"] + ".npy")  # content-addressed
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not _cache_ok(path, entry["sha256"]):  # absent, or changed since it was filled: fetch again
             tmp = f"{path}.{os.getpid()}.tmp"
-            with self.store.open(key, relpath) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 4 << 20)
-            os.replace(tmp, path)
+            try:  # the store's reader hashes the bytes as they arrive and raises on a mismatch
+                with self.store.open(key, relpath) as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 4 << 20)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            _CACHE_STAMPS[path] = _stamp(path)
+        _drop_page_cache(path)
         return path
 
     def open(self, key: str, relpath: str, sequential: bool = False) -> np.ndarray:

@@ -1,7 +1,9 @@
-"""A fixed subset of the fault sweep (tests/faults/harness.py): SIGKILL a real pipeline run mid-training
-(after a checkpoint part is committed), between the evaluation's last write and its manifest, and
-between the report's files and its manifest; re-run; every artifact verifies and the results equal a
-clean run's. The whole sweep: `python -m tests.faults.harness`."""
+"""The fault sweep (tests/faults/harness.py) in its short form: SIGKILL a real pipeline run at one
+representative point of each kind — a dataset build after its 2nd shard, embedding after its 3rd part,
+the anchors between their files and the manifest, training after a checkpoint part, the evaluation's
+and the report's commits — re-run; every artifact verifies and the results equal a clean run's.
+The whole sweep, all 24 points: `pytest tests/faults --all-fault-points` (or `python -m
+tests.faults.harness`, which prints the table that docs/orchestration.md quotes)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,20 @@ from tests.faults import harness
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-POINTS = ["runs:part-committed", "eval:before-manifest", "reports:before-manifest"]
+POINTS = [
+    "datasets:part-committed@2",
+    "embeddings:part-committed@3",
+    "anchors:before-manifest@2",
+    "runs:part-committed",
+    "eval:before-manifest",
+    "reports:before-manifest",
+]
+
+
+def pytest_generate_tests(metafunc):
+    if "point" in metafunc.fixturenames:
+        full = metafunc.config.getoption("--all-fault-points")
+        metafunc.parametrize("point", harness.SWEEP if full else POINTS)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +49,6 @@ def baseline(server_env, tmp_path_factory):
     return root, harness.outcome("file://" + str(root))
 
 
-@pytest.mark.parametrize("point", POINTS)
 def test_kill_and_rerun_loses_nothing(point, baseline, server_env, tmp_path):
     base_root, clean = baseline
     row = harness.check_point(point, base_root, clean, tmp_path, server_env)

@@ -176,3 +176,54 @@ def test_mapped_arrays_are_checked_before_they_are_mapped(store):
     for opener in (open_embeddings, lambda s, k, sp: list(iter_embeddings(s, k, sp)[1])):
         with pytest.raises(ChecksumMismatchError, match=r"arrays/part-00001\.emb\.npy fails its checksum"):
             opener(Store.from_uri(store.root), key, "train")
+
+
+@pytest.mark.e2e
+def test_s3_array_cache_is_private_and_checked_on_reuse(s3_store, tmp_path, monkeypatch):
+    """Arrays of an S3 artifact are mapped from a local cache: it is a 0700 folder of this user's, and a
+    cached file that changed after it was filled (zeroed, even with its mtime put back) is fetched again,
+    in this process and in a fresh one, never mapped as data."""
+    import os
+    import stat
+
+    import numpy as np
+
+    from locdiff.errors import UserError
+    from locdiff.stages import embeddings as emb_mod
+    from locdiff.stages.embeddings import MMAP_CACHE_ENV, iter_embeddings, synth_embeddings
+
+    def rows(store):
+        return np.concatenate([b[1] for b in iter_embeddings(store, key)[1]])
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(MMAP_CACHE_ENV, str(cache))
+    monkeypatch.setattr(emb_mod, "_CACHE_STAMPS", {})
+    key = synth_embeddings(s3_store, "cached", rows=200, dim=8, seed=0, part_rows=100)
+    want = rows(s3_store)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    files = sorted(cache.glob("*.npy"))
+    assert len(files) == 6 and np.abs(want).sum() > 0
+    for fresh_process in (False, True):
+        st = files[0].stat()
+        files[0].write_bytes(b"\0" * st.st_size)  # same size, zeros
+        os.utime(files[0], ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime
+        if fresh_process:
+            emb_mod._CACHE_STAMPS.clear()
+        np.testing.assert_array_equal(rows(Store.from_uri(s3_store.url)), want)
+        assert files[0].read_bytes() != b"\0" * st.st_size  # fetched again
+    os.chmod(cache, 0o777)  # a cache others can write is refused, naming the fix
+    with pytest.raises(UserError, match=r"array cache .* only it can write"):
+        rows(s3_store)
+    os.chmod(cache, 0o700)
+    if os.getuid() == 0:  # root can hand the folder to another user: then it is not ours
+        os.chown(cache, 4242, -1)
+        with pytest.raises(UserError, match="array cache .* not a folder of this user's"):
+            rows(s3_store)
+
+
+def test_a_committed_key_is_never_rewritten(store):
+    key, payload = _artifact(store)
+    with pytest.raises(ValueError, match="is committed; a committed key is never rewritten"):
+        with store.writer(key) as w:
+            w.write_bytes("blob.bin", b"other bytes")
+    assert store.read_bytes(key, "blob.bin") == payload and store.verify(key) == []

@@ -158,8 +158,34 @@ def test_key_covers_images_root_and_images_and_force_rebuilds(tmp_path, store):
     row = read_manifest(store, ka2).to_pylist()[1]
     assert read_image(store, ka2, row["shard"], row["offset"], row["size"]) == jpeg(7, size=24)
     attempt = store.manifest(ka2)["attempt"]
-    assert prepare_from_manifest(store, "d", m, images_root=a, force=True) == ka2
-    assert store.manifest(ka2)["attempt"] != attempt and store.verify(ka2) == []
+    ka3 = prepare_from_manifest(store, "d", m, images_root=a, force=True)
+    assert ka3 != ka2 and store.manifest(ka3)["config"]["rebuild_of"] == ka2  # never rewritten in place
+    assert store.manifest(ka2)["attempt"] == attempt and store.verify(ka2) == store.verify(ka3) == []
+
+
+def test_force_with_one_more_image_gives_new_dataset_and_embeddings_keys(tmp_path, store):
+    """A URL that was dead at the first build answers now: ``--force`` picks the image up under a new
+    dataset key, so the embeddings keyed on the dataset are built anew with the new row count."""
+    from locdiff.encoders import load_encoder
+    from locdiff.stages.embeddings import embed_dataset, load_embeddings
+    from tests.servers import http_server
+
+    srv_root = _images(tmp_path / "srv", 2)
+    encoder = load_encoder("efficientnet-lite0", image_size=64)
+    with http_server(srv_root) as srv:
+        m = _manifest(tmp_path / "m.csv", [srv.url_of(f"{i}.jpg") for i in range(3)])
+        k1 = prepare_from_manifest(store, "web", m, max_skip_share=1.0)
+        e1 = embed_dataset(store, k1, batch_size=4, num_workers=0, encoder=encoder)
+        assert store.manifest(k1)["rows"] == 2 and len(load_embeddings(store, e1)[0]) == 2
+        (srv_root / "2.jpg").write_bytes(jpeg(2))  # the link answers now
+        k2 = prepare_from_manifest(store, "web", m, max_skip_share=1.0, force=True)
+    e2 = embed_dataset(store, k2, batch_size=4, num_workers=0, encoder=encoder)
+    assert k2 != k1 and e2 != e1
+    assert store.manifest(k2)["rows"] == 3 and len(load_embeddings(store, e2)[0]) == 3
+    assert store.manifest(k1)["rows"] == 2 and len(load_embeddings(store, e1)[0]) == 2  # untouched
+    from locdiff.stages.datasets import latest_dataset
+
+    assert latest_dataset(store, "web") == k2
 
 
 def test_a_changed_archive_is_re_extracted(tmp_path, store):
@@ -251,3 +277,19 @@ def test_embed_skips_a_bomb_with_a_reason(tmp_path, store):
     assert man["rows"] == 3 and man["n_skipped"] == 2
     reasons = {s["image_id"]: s["reason"] for s in man["skipped"]}
     assert set(reasons) == {"bomb", "big"} and all("decompression bomb" in r for r in reasons.values())
+
+
+@pytest.mark.timeout(120)  # guards against a hang
+def test_prepare_skips_a_fifo_with_a_reason_and_refuses_a_fifo_manifest(tmp_path, store):
+    import os
+
+    imgs = _images(tmp_path / "imgs", 2)
+    os.mkfifo(imgs / "pipe.jpg")
+    m = _manifest(tmp_path / "m.csv", ["0.jpg", "pipe.jpg", "1.jpg"])
+    key = prepare_from_manifest(store, "fifo", m, images_root=imgs)
+    man = store.manifest(key)
+    assert man["rows"] == 2 and man["n_skipped"] == 1
+    assert man["skipped"][0]["reason"] == "not a regular file (a named pipe) (pipe.jpg)"
+    os.mkfifo(tmp_path / "pipe.csv")
+    with pytest.raises(UserError, match=r"--manifest .*pipe.csv is not a regular file"):
+        prepare_from_manifest(store, "fifo", tmp_path / "pipe.csv", images_root=imgs)
