@@ -234,6 +234,8 @@ def train(
             stop_after_steps=stop_after_steps,
             log=_logger(),
         )
+    from locdiff.flows.training_chart import TrainingChart
+
     bar = Progress("train", f"training {name or preset or ''}".strip())
     key = train_run(
         Store.from_uri(storage),
@@ -246,6 +248,7 @@ def train(
         stop_after_steps=stop_after_steps,
         progress=bar,
         log=_logger(),
+        on_curves=TrainingChart(config.train.max_steps, config.train.batch_size),
     )
     bar.done()
     return key

@@ -249,6 +249,7 @@ def train_run(
     progress: Callable[[float, float], None] | None = None,
     log: logging.Logger | None = None,
     data_on_device: bool | None = None,
+    on_curves: Callable[[str, dict], None] | None = None,
 ) -> str:
     """Train (or resume, or reuse) a LocDiff run on the train/val splits of an embeddings artifact.
 
@@ -256,11 +257,14 @@ def train_run(
     ``per_batch``); ``anchors``: ``{"uniform": key, "data": key}`` anchor-set artifacts (see
     :func:`anchor_roles`). Returns the run key. ``stop_after_steps`` (testing aid) stops the attempt
     early without committing. ``data_on_device``: hold the training rows on the CUDA device (None:
-    when they fit in half its free memory).
+    when they fit in half its free memory). Every :func:`locdiff.curves.live_every` steps the curves so
+    far are written to the run's in-flight area (the catalog's ``curves`` view, ``in_flight``) and
+    handed to ``on_curves(run_key, curves)``.
 
     Under torchrun (``locdiff.ddp``) every rank calls this: all read the memory-mapped rows, rank 0
     alone opens the writer, resumes (the checkpoint is broadcast), checkpoints and commits.
     """
+    from locdiff.curves import live_every
     from locdiff_core.checkpoint import to_bytes
     from locdiff_core.train import train
 
@@ -336,10 +340,13 @@ def train_run(
                 w.write_bytes(rel, to_bytes(ckpt))
                 w.commit_part(rel)
 
+            live = _LiveCurves(w, key, resume, live_every(tc), on_curves) if rank == 0 else None
+
             def on_event(event: dict) -> None:
                 _test_kill_hook(rank, event)
                 if rank != 0:
                     return
+                live(event)
                 if event.get("event") == "train":
                     if progress:
                         progress(event["step"], tc.max_steps)
@@ -389,6 +396,42 @@ def train_run(
                 world_size=world,
             )
     return key
+
+
+class _LiveCurves:
+    """Rank 0's copy of the curves so far (from the resumed checkpoint on): every ``every`` steps and at
+    every validation they are written to the run's in-flight area and handed to ``on_curves``."""
+
+    def __init__(self, writer, key: str, resume: dict | None, every: int, on_curves) -> None:
+        import copy
+
+        self.writer, self.key, self.every, self.on_curves = writer, key, every, on_curves
+        self.curves = copy.deepcopy((resume or {}).get("curves") or {"train": [], "val": []})
+
+    def __call__(self, event: dict) -> None:
+        from locdiff.curves import LIVE_CURVES
+
+        kind = event.get("event")
+        if kind not in ("train", "val"):
+            return
+        row = {k: v for k, v in event.items() if k not in ("event", "max_steps")}
+        self.curves.setdefault(kind, []).append(row)
+        if not self.every or (kind == "train" and row["step"] % self.every):
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            sink = pa.BufferOutputStream()
+            pq.write_table(curves_table(self.curves), sink)
+            self.writer.write_live(LIVE_CURVES, sink.getvalue().to_pybytes())
+        except OSError as exc:  # the live view is best effort; training goes on
+            logging.getLogger("locdiff.runs").warning("in-flight curves of %s not written: %s", self.key, exc)
+        if self.on_curves is not None:
+            try:
+                self.on_curves(self.key, self.curves)
+            except Exception as exc:  # noqa: BLE001 - a chart must never stop training
+                logging.getLogger("locdiff.runs").warning("training chart not refreshed: %s", exc)
 
 
 # Test hook: "RANK:STEP" makes that rank SIGKILL itself at that logged step (DDP failure tests).
