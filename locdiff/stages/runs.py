@@ -113,16 +113,31 @@ def load_checkpoint(store: Store, run_key: str, relpath: str = MODEL_FILE) -> di
         raise UserError(str(exc), "delete the artifact and retrain, or restore it from a backup") from None
 
 
-def load_predictor(store: Store, run_key: str, device: str | None = None):
-    """A ``Predictor`` from the run's EMA weights, decoding on the run's own anchor set."""
+def load_predictor(store: Store, run_key: str, device: str | None = None, calibrated: bool = True):
+    """A ``Predictor`` from the run's EMA weights, decoding on the run's own anchor set.
+
+    ``calibrated``: the credible radii use the scales the run fitted on its ``val`` split when it was
+    trained (manifest ``radius_calibration``), unless the run's config sets its own
+    ``infer.radius50_scale``/``radius90_scale`` (anything but 1). ``predict``, ``serve`` and
+    evaluation all load runs through here."""
+    man = store.manifest(run_key)
+    anchors = (man.get("anchors") or {}).get("uniform")
+    predictor = _predictor(store, load_checkpoint(store, run_key), anchors, device)
+    calib = man.get("radius_calibration") or {}
+    inf = predictor.config.infer
+    if calibrated and calib and (inf.radius50_scale, inf.radius90_scale) == (1.0, 1.0):
+        scales = {k: float(calib[k]) for k in ("radius50_scale", "radius90_scale")}
+        predictor.config = predictor.config.replace(infer=scales)
+    return predictor
+
+
+def _predictor(store: Store, ckpt: dict, anchors_key: str | None, device: str | None = None):
     from locdiff.stages.anchors import anchor_grid
     from locdiff_core.sampling import Predictor
 
-    ckpt = load_checkpoint(store, run_key)
-    anchors = (store.manifest(run_key).get("anchors") or {}).get("uniform")
     predictor = Predictor.from_checkpoint(ckpt, device=device)
-    if anchors:
-        predictor.anchors = anchor_grid(store, anchors, predictor.config.max_degree)
+    if anchors_key:
+        predictor.anchors = anchor_grid(store, anchors_key, predictor.config.max_degree)
     return predictor
 
 
@@ -133,11 +148,12 @@ def predict_embeddings(
     estimate (``pred_lat``, ``pred_lon``, ``score``), the top-k modes (``modes_lat``/``_lon``/``_mass``
     ``[N, k]``) of the predicted distribution and its 50 %/90 % credible radii (``radius50_km``,
     ``radius90_km``: quantiles of the K samples' distances to the point estimate, times
-    ``infer.radius50_scale``/``radius90_scale``). With a ``retrieval`` index
-    (``locdiff.stages.retrieval.RetrievalIndex``) also LocDiff-H (``hybrid_lat``, ``hybrid_lon``,
-    ``hybrid_from_gallery``) and the nearest gallery image (``nn_lat``, ``nn_lon``, ``nn_sim``).
-    Evaluation, ``locdiff predict`` and serving all use this. ``generator`` (instead of ``seed``) carries
-    the random state across calls, so consecutive blocks of whole batches draw what one call would."""
+    ``infer.radius50_scale``/``radius90_scale``, the 90 % one at least the 50 % one). With a
+    ``retrieval`` index (``locdiff.stages.retrieval.RetrievalIndex``) also LocDiff-H (``hybrid_lat``,
+    ``hybrid_lon``, ``hybrid_from_gallery``) and the nearest gallery image (``nn_lat``, ``nn_lon``,
+    ``nn_sim``). Evaluation, ``locdiff predict`` and serving all use this. ``generator`` (instead of
+    ``seed``) carries the random state across calls, so consecutive blocks of whole batches draw what
+    one call would."""
     import torch
 
     inf = predictor.config.infer
@@ -151,6 +167,7 @@ def predict_embeddings(
             progress(min(i + chunk, len(emb)), len(emb))
     cat = lambda name: torch.cat([getattr(o.decoded, name).detach().cpu() for o in outs]).numpy()  # noqa: E731
     radii = torch.cat([o.radii_km((0.5, 0.9), (inf.radius50_scale, inf.radius90_scale)) for o in outs])
+    radii[:, 1] = torch.maximum(radii[:, 1], radii[:, 0])  # scaled apart, the 90 % one still holds the 50 %
     out = {
         "pred_lat": cat("lat_deg"),
         "pred_lon": cat("lon_deg"),
@@ -381,6 +398,19 @@ def train_run(
                 )
             if rank != 0:
                 return key
+            calibration = None
+            if val_data is not None:  # the radius scales travel with the run (load_predictor uses them)
+                from locdiff.stages.evals import _val_calibration
+
+                predictor = _predictor(store, result.checkpoint, anchors.get("uniform"))
+                calibration = _val_calibration(store, predictor, embeddings_key, seed=0)
+                if calibration:
+                    log.info(
+                        "radius scales fitted on %d val rows: x%.3g (50 %%), x%.3g (90 %%)",
+                        calibration["val_n"],
+                        calibration["radius50_scale"],
+                        calibration["radius90_scale"],
+                    )
             w.write_bytes(MODEL_FILE, to_bytes(result.checkpoint))
             w.write_bytes("curves.json", json.dumps(result.curves).encode())
             w.write_table("curves.parquet", curves_table(result.curves))
@@ -393,6 +423,7 @@ def train_run(
                 targets=targets_key,
                 anchors=anchors,
                 val_metrics=result.val_metrics,
+                radius_calibration=calibration,
                 world_size=world,
             )
     return key
