@@ -262,8 +262,10 @@ def evaluate(
     dataset: str | None = None,
     baselines: list[str] | None = None,
     retrieval_key: str | None = None,
+    device: str | None = None,
 ) -> str:
-    """Evaluate a committed run on one split of an embeddings artifact; returns the eval key."""
+    """Evaluate a committed run on one split of an embeddings artifact; returns the eval key (the
+    predictor on ``device``: None/auto = CUDA when available)."""
     from locdiff.stages.evals import BASELINES, evaluate_run
 
     bar = Progress("evaluate", f"evaluating on {dataset or embeddings_key}/{split or 'all'}")
@@ -276,6 +278,7 @@ def evaluate(
         baselines=list(BASELINES if baselines is None else baselines),
         progress=bar,
         retrieval_key=retrieval_key,
+        device=device,
     )
     bar.done()
     return key

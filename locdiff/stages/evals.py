@@ -92,11 +92,13 @@ def evaluate_run(
     seed: int = 0,
     progress: Callable[[float, float], None] | None = None,
     retrieval_key: str | None = None,
+    device: str | None = None,
 ) -> str:
     """Evaluate a committed run on one split (None: every row) of an embeddings artifact; returns the key.
 
     ``retrieval_key``: a retrieval index (``locdiff.stages.retrieval``) built from the run's training
-    split: adds the ``locdiff-h`` and ``retrieval-1nn`` methods."""
+    split: adds the ``locdiff-h`` and ``retrieval-1nn`` methods. ``device``: where the predictor runs
+    (None or "auto": CUDA when available); not part of the key."""
     from locdiff.stages.embeddings import iter_embeddings
     from locdiff.stages.runs import load_predictor, predict_embeddings
 
@@ -120,7 +122,7 @@ def evaluate_run(
 
         from locdiff.stages.retrieval import load_index
 
-        predictor = load_predictor(store, run_key)
+        predictor = load_predictor(store, run_key, None if device == "auto" else device)
         index = load_index(store, retrieval_key) if retrieval_key else None
         train_emb_key = run_man.get("embeddings") or embeddings_key
         fitted = {kind: _fit_baseline(kind, store, train_emb_key) for kind in baselines}
