@@ -465,12 +465,18 @@ class Store:
             key = f"{stage}/{p[len(prefix) : -len(tail)]}"
             if not _KEY_RE.match(key) or self.exists(key):
                 continue
-            try:
-                with self.fs.open(self._p(key, _LIVE, relpath), "rb") as f:
-                    out.append((key, f.read()))
-            except FileNotFoundError:  # committed (and cleaned up) meanwhile
-                continue
+            data = self.read_live(key, relpath)
+            if data is not None:  # else committed (and cleaned up) meanwhile
+                out.append((key, data))
         return out
+
+    def read_live(self, key: str, relpath: str) -> bytes | None:
+        """What the in-flight writer of ``key`` last showed under ``relpath`` (None: nothing, or done)."""
+        try:
+            with self.fs.open(self._p(_check_key(key), _LIVE, _check_relpath(relpath)), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
 
     def latest(self, stage: str, name: str | None = None) -> str | None:
         """The newest committed key of a stage (and name), or None."""

@@ -218,8 +218,10 @@ def train(
     ``nproc`` > 1 (default: ``$LOCDIFF_NPROC``, the work pools' job variable, else every visible GPU,
     1 on the CPU) runs it under torchrun with that many DDP processes (``locdiff.ddp``)."""
     from locdiff.ddp import launch_train, resolve_nproc
+    from locdiff.flows.training_chart import TrainingChart
     from locdiff.stages.runs import train_run
 
+    chart = TrainingChart(config.train.max_steps, config.train.batch_size)
     nproc = resolve_nproc(nproc, config.train.device)
     if nproc > 1:
         return launch_train(
@@ -233,9 +235,8 @@ def train(
             preset=preset,
             stop_after_steps=stop_after_steps,
             log=_logger(),
+            on_curves=chart,
         )
-    from locdiff.flows.training_chart import TrainingChart
-
     bar = Progress("train", f"training {name or preset or ''}".strip())
     key = train_run(
         Store.from_uri(storage),
@@ -248,7 +249,7 @@ def train(
         stop_after_steps=stop_after_steps,
         progress=bar,
         log=_logger(),
-        on_curves=TrainingChart(config.train.max_steps, config.train.batch_size),
+        on_curves=chart,
     )
     bar.done()
     return key

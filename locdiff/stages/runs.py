@@ -287,15 +287,9 @@ def train_run(
 
     log = log or logging.getLogger("locdiff.runs")
     tc = config.train
-    if tc.targets == "cache" and targets_key is None:
-        raise ValueError("train.targets='cache' needs the target cache's key (targets_key)")
-    if tc.targets == "per_batch":
-        targets_key = None
-    anchors = {r: anchors[r] for r in anchor_roles(config)} if anchors else {}
-    cfg = config.to_dict()
-    upstream = [embeddings_key, *([targets_key] if targets_key else []), *anchors.values()]
-    run_name = name or f"{Key.parse(embeddings_key).head}-{preset or 'custom'}"
-    key = stage_key(store, STAGE, run_name, cfg, upstream)
+    key, run_name, cfg, upstream, targets_key, anchors = _identity(
+        store, embeddings_key, config, targets_key, anchors, name, preset
+    )
     if store.exists(key):
         log.info("run %s is committed already; reusing it", key)
         return key
@@ -463,6 +457,76 @@ class _LiveCurves:
                 self.on_curves(self.key, self.curves)
             except Exception as exc:  # noqa: BLE001 - a chart must never stop training
                 logging.getLogger("locdiff.runs").warning("training chart not refreshed: %s", exc)
+
+
+def run_key(store: Store, embeddings_key: str, config: LocDiffConfig, **inputs) -> str:
+    """The key :func:`train_run` trains under for these arguments (``targets_key``, ``anchors``,
+    ``name``, ``preset``): what a launcher watches while the ranks train."""
+    return _identity(store, embeddings_key, config, *(inputs.get(k) for k in _IDENTITY_INPUTS))[0]
+
+
+_IDENTITY_INPUTS = ("targets_key", "anchors", "name", "preset")
+
+
+def _identity(store, embeddings_key, config, targets_key, anchors, name, preset):
+    """(key, run name, config dict, upstream, targets key, anchors) of a run: the key hashes the config
+    and the artifacts it reads (the target cache unless ``per_batch``; its anchor roles)."""
+    if config.train.targets == "cache" and targets_key is None:
+        raise ValueError("train.targets='cache' needs the target cache's key (targets_key)")
+    if config.train.targets == "per_batch":
+        targets_key = None
+    anchors = {r: anchors[r] for r in anchor_roles(config)} if anchors else {}
+    cfg = config.to_dict()
+    upstream = [embeddings_key, *([targets_key] if targets_key else []), *anchors.values()]
+    run_name = name or f"{Key.parse(embeddings_key).head}-{preset or 'custom'}"
+    return stage_key(store, STAGE, run_name, cfg, upstream), run_name, cfg, upstream, targets_key, anchors
+
+
+def curves_from_table(table) -> dict:
+    """The inverse of :func:`curves_table`: ``{"train": [{"step", metric: value}], "val": [...]}``."""
+    rows: dict[str, dict[int, dict]] = {}
+    for r in table.to_pylist():
+        curve, metric = r["metric"].split("/", 1)
+        rows.setdefault(curve, {}).setdefault(r["step"], {"step": r["step"]})[metric] = r["value"]
+    return {"train": [], "val": [], **{c: [by[s] for s in sorted(by)] for c, by in rows.items()}}
+
+
+LIVE_POLL_S = 5.0  # a launcher reads the in-flight curves at most this often
+
+
+class LiveWatcher:
+    """Reads a run's in-flight curves (``Store.read_live``) and hands them to ``on_curves`` when they
+    changed: how the launcher of a multi-process run (``locdiff.ddp``) refreshes the chart that rank 0
+    feeds in a single process."""
+
+    def __init__(self, store: Store, key: str, on_curves, every_s: float | None = None) -> None:
+        self.store, self.key, self.on_curves = store, key, on_curves
+        self.every_s = LIVE_POLL_S if every_s is None else every_s
+        self._last, self._seen = float("-inf"), None
+
+    def poll(self, force: bool = False) -> bool:
+        """True when new curves were handed on; at most one read per ``every_s`` unless ``force``."""
+        import time
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from locdiff.curves import LIVE_CURVES
+
+        now = time.monotonic()
+        if not force and now - self._last < self.every_s:
+            return False
+        self._last = now
+        data = self.store.read_live(self.key, LIVE_CURVES)
+        if data is None or data == self._seen:
+            return False
+        self._seen = data
+        try:
+            self.on_curves(self.key, curves_from_table(pq.read_table(pa.BufferReader(data))))
+        except Exception as exc:  # noqa: BLE001 - a chart must never stop training
+            logging.getLogger("locdiff.runs").warning("training chart not refreshed: %s", exc)
+            return False
+        return True
 
 
 # Test hook: "RANK:STEP" makes that rank SIGKILL itself at that logged step (DDP failure tests).

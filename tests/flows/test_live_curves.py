@@ -4,13 +4,14 @@ and the train task keeps one Prefect markdown artifact with the chart, refreshed
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import pytest
 from prefect import flow
 
 from locdiff.catalog import connect
-from locdiff.curves import chart_png, live_every
-from locdiff.stages.runs import train_run
+from locdiff.curves import LIVE_CURVES, chart_png, live_every
+from locdiff.stages.runs import LiveWatcher, run_key, train_run
 from locdiff.storage import Store
 from tests.flows.conftest import run_inputs, tiny_config
 
@@ -39,8 +40,11 @@ def test_curves_view_answers_for_a_run_in_flight(tmp_path, embeddings_key, store
     store = Store.from_uri(store_uri)
     seen: list[tuple[int, list]] = []
 
+    seen_curves: list[dict] = []
+
     def on_curves(key, curves):  # while training: query the catalog as `locdiff sql` would
         seen.append((curves["train"][-1]["step"], _in_flight(store)))
+        seen_curves.append(copy.deepcopy(curves))
 
     inputs = run_inputs(store_uri, embeddings_key, LIVE)
     with pytest.raises(RuntimeError, match="stopped at step 20"):
@@ -58,6 +62,13 @@ def test_curves_view_answers_for_a_run_in_flight(tmp_path, embeddings_key, store
     }
     assert {"train/loss", "train/lr", "train/samples_per_s", "val/median_km"} <= metrics
 
+    # a launcher (locdiff.ddp) reads the same curves back from the store, once per change
+    assert run_key(store, embeddings_key, LIVE, **inputs) == key
+    got = []
+    watcher = LiveWatcher(store, key, lambda k, c: got.append(c))
+    assert watcher.poll(force=True) and not watcher.poll(force=True)
+    assert got == [seen_curves[-1]]
+
     # resumed to the end and committed: the curves are the committed ones, nothing in flight
     seen.clear()
     assert train_run(store, embeddings_key, LIVE, **inputs, on_curves=on_curves) == key
@@ -68,7 +79,7 @@ def test_curves_view_answers_for_a_run_in_flight(tmp_path, embeddings_key, store
         "SELECT in_flight, max(step), count(*) FROM curves WHERE key = ? GROUP BY in_flight", [key]
     ).fetchall()
     assert len(rows) == 1 and rows[0][0] is False and rows[0][1] == 40
-    assert _in_flight(store) == []
+    assert _in_flight(store) == [] and store.read_live(key, LIVE_CURVES) is None
 
 
 def test_chart_is_a_png_with_four_panels():
