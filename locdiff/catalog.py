@@ -7,10 +7,13 @@ Convention (what each stage's committed artifact holds, so the views can find it
 | (any)        | manifest.json               | ``artifacts`` (one row per committed artifact) |
 | ``datasets`` | ``manifest.parquet``        | ``datasets``  (one row per image)               |
 | ``embeddings``| ``part-*.parquet`` (any folder) | ``embeddings`` (one row per image)      |
-| ``runs``     | manifest.json; ``curves.parquet`` | ``runs`` (one row per run); ``curves``    |
+| ``runs``     | manifest.json; ``curves.parquet`` | ``runs`` (one row per run); ``curves`` (+ in flight) |
 | ``eval``     | ``predictions.parquet``, ``metrics.parquet`` | ``predictions``, ``metrics``  |
 | ``aliases``  | manifest.json               | ``aliases`` (one row per model-name change; ``current``) |
 
+The ``curves`` view also holds the curves so far of runs still training (``in_flight`` true): the
+copy the training stage writes to the run's in-flight area every few steps (``Store.live``), read into
+memory when the view is made.
 Every view also has ``key`` (the artifact key) and ``name`` (the artifact name) columns. A view over
 zero artifacts still exists, empty, with its core columns, so queries never fail on a fresh store.
 The catalog is read-only: DuckDB reads the store only through :class:`ReadOnlyStoreFS` (registered with
@@ -340,7 +343,46 @@ def refresh(
                 rel = f"{m['key']}/{f['path']}"
                 rofs.files[rel] = {**f, "fspath": store.entry_path(m["key"], f)}
                 files.append((f"{PROTOCOL}://{rel}", m["key"], m.get("name"), f["relpath"]))
-        _create_view(con, view, files, on_warning)
+        _create_view(con, "_locdiff_committed_curves" if view == "curves" else view, files, on_warning, view)
+    _create_curves_view(con, store, on_warning)
+
+
+def _create_curves_view(con, store: Store, on_warning) -> None:
+    """``curves``: the committed runs' curves, then the in-flight ones (``in_flight``)."""
+    import pyarrow.parquet as pq
+
+    from locdiff.curves import LIVE_CURVES
+
+    live = []
+    for key, data in store.live("runs", LIVE_CURVES):
+        try:
+            t = pq.read_table(pa.BufferReader(data)).select(["step", "metric", "value"])
+        except (pa.ArrowException, KeyError) as exc:
+            _warn(on_warning, f"in-flight curves of {key} cannot be read ({exc}); left out of view 'curves'")
+            continue
+        name = key.split("/", 1)[1].rsplit("/", 1)[0]
+        live.append(
+            t.append_column("key", pa.array([key] * len(t), pa.string())).append_column(
+                "name", pa.array([name] * len(t), pa.string())
+            )
+        )
+    schema = pa.schema(
+        [
+            ("step", pa.int64()),
+            ("metric", pa.string()),
+            ("value", pa.float64()),
+            ("key", pa.string()),
+            ("name", pa.string()),
+        ]
+    )
+    con.register(
+        "_locdiff_live_curves",
+        pa.concat_tables([t.cast(schema) for t in live]) if live else schema.empty_table(),
+    )
+    con.execute(
+        "CREATE OR REPLACE VIEW curves AS SELECT *, false AS in_flight FROM _locdiff_committed_curves "
+        "UNION ALL BY NAME SELECT key, name, step, metric, value, true AS in_flight FROM _locdiff_live_curves"
+    )
 
 
 def _create_view(
@@ -348,7 +390,9 @@ def _create_view(
     view: str,
     files: list[tuple[str, str, str, str]],
     on_warning: Callable[[str], None] | None = None,
+    kind: str | None = None,
 ) -> None:
+    """The view ``view`` over ``files``; empty, with the columns of ``_EMPTY[kind or view]``, without."""
     if files:
         try:
             _create_parquet_view(con, view, files)
@@ -373,7 +417,7 @@ def _create_view(
                     return
                 except duckdb.Error as exc:
                     _warn(on_warning, f"view {view!r} left empty: {str(exc).splitlines()[0][:200]}")
-    cols = ", ".join(f'NULL::{typ} AS "{col}"' for col, typ in _EMPTY[view])
+    cols = ", ".join(f'NULL::{typ} AS "{col}"' for col, typ in _EMPTY[kind or view])
     con.execute(
         f"CREATE OR REPLACE VIEW {view} AS SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS name, {cols} "
         "WHERE false"

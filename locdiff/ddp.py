@@ -138,13 +138,21 @@ def launch_train(
     stop_after_steps: int | None = None,
     env: dict[str, str] | None = None,
     log: logging.Logger | None = None,
+    on_curves=None,
 ) -> str:
-    """Train a run with ``nproc`` processes under torchrun; returns the run key (see module doc)."""
+    """Train a run with ``nproc`` processes under torchrun; returns the run key (see module doc).
+    ``on_curves(key, curves)``: called with the curves so far whenever rank 0 refreshed them."""
+    from locdiff.stages.runs import LiveWatcher, run_key
     from locdiff.storage import Store
 
     log = log or logging.getLogger("locdiff.ddp")
     nproc = resolve_nproc(nproc, config.train.device)
-    storage = Store.from_uri(storage).url  # every rank opens the same store
+    store = Store.from_uri(storage)
+    storage = store.url  # every rank opens the same store
+    ids = {"targets_key": targets_key, "anchors": anchors, "name": name, "preset": preset}
+    watcher = (
+        LiveWatcher(store, run_key(store, embeddings_key, config, **ids), on_curves) if on_curves else None
+    )
     with tempfile.TemporaryDirectory(prefix="locdiff-ddp-") as tmp:
         spec = {
             "storage": storage,
@@ -174,6 +182,8 @@ def launch_train(
             for line in proc.stdout:
                 tail.append(line)
                 sys.stdout.write(line)
+                if watcher is not None:
+                    watcher.poll()
             proc.wait()
         if proc.returncode != 0:
             why = _failure("".join(tail), proc.returncode, Path(spec["errors"]))

@@ -5,6 +5,8 @@ Layout under the storage root (a key is ``<stage>/<name>/<hash16>``)::
     <root>/<key>/manifest.json                 the commit marker, written last (atomic)
     <root>/<key>/_attempts/<attempt>/<relpath> data files of one writer attempt
     <root>/<key>/_parts/<sha1(relpath)>.json   "this part is finished" markers (shard-level resume)
+    <root>/<key>/_live/<relpath>               what an in-flight writer shows so far (e.g. training
+                                               curves); replaced whole, removed when the key commits
 
 Each writer writes into its own attempt folder, so two writers of one key never touch each other's
 files; the manifest names, for every file, the attempt folder that holds it. Committing is one atomic
@@ -44,6 +46,7 @@ from locdiff.errors import UserError, environment_error
 MANIFEST = "manifest.json"
 _ATTEMPTS = "_attempts"
 _PARTS = "_parts"
+_LIVE = "_live"
 _HASH_LEN = 16
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.\-]+/[A-Za-z0-9_.\-/=]+/[0-9a-f]{16}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-=]+(/[A-Za-z0-9_.\-=]+)*$")
@@ -451,6 +454,37 @@ class Store:
         out.sort(key=lambda m: (m.get("created_at", ""), m["key"]))
         return out
 
+    def live(self, stage: str, relpath: str) -> list[tuple[str, bytes]]:
+        """(key, bytes) of ``relpath`` as written by :meth:`ArtifactWriter.write_live` for every key of
+        ``stage`` that is not committed yet (in flight, or abandoned by a killed writer)."""
+        base = self._p(stage)
+        self._refresh()
+        try:
+            paths = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        prefix, tail = base.split("://", 1)[-1] + "/", f"/{_LIVE}/{relpath}"
+        out = []
+        for p in paths:
+            p = p.split("://", 1)[-1]
+            if not (p.startswith(prefix) and p.endswith(tail)):
+                continue
+            key = f"{stage}/{p[len(prefix) : -len(tail)]}"
+            if not _KEY_RE.match(key) or self.exists(key):
+                continue
+            data = self.read_live(key, relpath)
+            if data is not None:  # else committed (and cleaned up) meanwhile
+                out.append((key, data))
+        return out
+
+    def read_live(self, key: str, relpath: str) -> bytes | None:
+        """What the in-flight writer of ``key`` last showed under ``relpath`` (None: nothing, or done)."""
+        try:
+            with self.fs.open(self._p(_check_key(key), _LIVE, _check_relpath(relpath)), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
     def latest(self, stage: str, name: str | None = None) -> str | None:
         """The newest committed key of a stage (and name), or None."""
         mans = [m for m in self.list(stage) if name is None or m.get("name") == name]
@@ -851,6 +885,11 @@ class ArtifactWriter:
         self._parts[relpath] = entry
         return entry
 
+    def write_live(self, relpath: str, data: bytes) -> None:
+        """Replace (atomically) what this in-flight artifact shows so far under ``relpath``: readable by
+        :meth:`Store.live` until the key commits; never part of the committed artifact."""
+        self.store._atomic_put(self.store._p(self.key, _LIVE, _check_relpath(relpath)), data)
+
     def set(self, **info: Any) -> None:
         """Extra manifest fields (counts, skipped lists, metrics, ``rows=`` to override the sum)."""
         reserved = {"key", "stage", "name", "files", "config", "upstream", "code", "created_at", "attempt"}
@@ -921,6 +960,8 @@ class ArtifactWriter:
         faults.point(f"{stage}:before-manifest")
         self.store._atomic_put(self.store._p(self.key, MANIFEST), json.dumps(manifest, indent=1).encode())
         faults.point(f"{stage}:committed")
+        with contextlib.suppress(FileNotFoundError, OSError):  # the in-flight view is over
+            self.store.fs.rm(self.store._p(self.key, _LIVE), recursive=True)
         self.store._refresh()
         self.committed = True
 

@@ -241,16 +241,23 @@ def evaluate_command(
     storage: str = typer.Option(
         None, "--storage", help="Store URI (default: $LOCDIFF_STORAGE or data/store)."
     ),
+    device: str = typer.Option("auto", help="cpu | cuda | auto (CUDA when available): embedding and model."),
 ) -> None:
     """Evaluate a committed run on benchmarks present locally (absent ones are skipped with a note)."""
+    from locdiff.commands.predict import resolve_device
     from locdiff.flows.evaluate_latest import evaluate_latest
     from locdiff.stages import aliases
     from locdiff.storage import Store
 
+    resolve_device(device)  # an unknown device, or CUDA without one: a one-line error now
     store = Store.from_uri(storage)
     run = aliases.resolve_run(store, run) if run else aliases.default_run(store)  # one-line errors here
     out = _run_flow_in_process(
-        evaluate_latest, datasets=list(dataset) if dataset else None, run_key=run, storage=storage
+        evaluate_latest,
+        datasets=list(dataset) if dataset else None,
+        run_key=run,
+        storage=storage,
+        device=device,
     )
     for n in out["notes"]:
         print(n)

@@ -24,6 +24,7 @@ from locdiff.datasets.archives import check_archive
 from locdiff.datasets.download import RetryPolicy, safe_extract
 from locdiff.datasets.downloader import DownloadOptions, NothingRecovered, download_dataset, retry_target
 from locdiff.datasets.images import ImageError, read_image_file
+from locdiff.datasets.registry import REGISTRY, hashed_val
 from locdiff.datasets.shards import DEFAULT_SHARD_SIZE, ImageRecord, SkipImage, write_dataset
 from locdiff.datasets.validate import validate_file
 from locdiff.errors import UserError
@@ -191,7 +192,7 @@ def prepare_from_manifest(
         fix_swapped=fix_swapped,
         default_split=default_split,
     )
-    table = val.table
+    table = hashed_val(name, val.table)  # MP16: its deterministic val slice (registry.val_buckets)
     if limit is not None:
         table = table.iloc[:limit]
     n_input = len(val.table) + len(val.dropped)
@@ -215,6 +216,8 @@ def prepare_from_manifest(
         "limit": limit,
         "columns": [id_col, lat_col, lon_col, image_col],
     }
+    if (spec := REGISTRY.get(name.lower())) is not None and spec.val_buckets:
+        config["val_buckets"] = spec.val_buckets
     remote = any("://" in ref and not ref.lower().startswith("file://") for ref in table["image"])
     previous = None
     download = DownloadOptions.parse(download)

@@ -10,11 +10,15 @@ from locdiff.flows.stages import report_flow, retrieval_flow
 
 @flow(name="evaluate-latest", log_prints=True)
 def evaluate_latest(
-    datasets: list[str] | None = None, run_key: str | None = None, storage: str | None = None
+    datasets: list[str] | None = None,
+    run_key: str | None = None,
+    storage: str | None = None,
+    device: str = "auto",
 ) -> dict:
     """Evaluate `run_key` (a run key or a model name; default: the run named `prod`, else the newest
     committed run) on each dataset present locally; a dataset not prepared in the store is skipped with
-    a note in the report."""
+    a note in the report. device: auto (CUDA when available) | cuda | cpu, for embedding the
+    benchmarks and for the predictor."""
     from locdiff.errors import UserError
     from locdiff.stages import aliases
     from locdiff.stages.runs import run_encoder
@@ -36,7 +40,9 @@ def evaluate_latest(
         run_encoder(store, run_key),
         list(BENCHMARKS) if datasets is None else datasets,
         list(BASELINES),
+        encoder_options={"device": device},
         retrieval_key=retrieval_key,
+        device=device,
     )
     report = (
         report_flow(

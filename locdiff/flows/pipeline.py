@@ -33,10 +33,11 @@ def evaluate_present(
     baselines: list[str],
     encoder_options: dict | None = None,
     retrieval_key: str | None = None,
+    device: str | None = None,
 ) -> tuple[list[str], list[str]]:
     """Embed and evaluate every dataset of `datasets` that is committed in the store (all its rows);
     returns (eval keys, notes on the ones skipped). ``retrieval_key``: the run's gallery index (adds
-    LocDiff-H and retrieval 1-NN)."""
+    LocDiff-H and retrieval 1-NN); ``device``: the predictor's (default: the encoder's, else auto)."""
     from locdiff.stages.datasets import latest_dataset
     from locdiff.storage import Store
 
@@ -60,6 +61,7 @@ def evaluate_present(
                 dataset=name,
                 baselines=baselines,
                 retrieval_key=retrieval_key,
+                device=device or (encoder_options or {}).get("device"),
             )
         )
     return eval_keys, notes
@@ -128,6 +130,7 @@ def run_pipeline(
                 dataset=dataset,
                 baselines=baselines,
                 retrieval_key=retrieval_key,
+                device=(encoder_options or {}).get("device"),
             )
         )
     else:

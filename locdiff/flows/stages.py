@@ -134,9 +134,12 @@ def evaluate_flow(
     dataset: str | None = None,
     baselines: list[str] | None = None,
     retrieval_key: str | None = None,
+    device: str | None = None,
 ) -> str:
     """Returns the eval key (predictions.parquet + metrics.parquet)."""
-    return tasks.evaluate_task(storage, run_key, embeddings_key, split, dataset, baselines, retrieval_key)
+    return tasks.evaluate_task(
+        storage, run_key, embeddings_key, split, dataset, baselines, retrieval_key, device
+    )
 
 
 @flow(name="retrieval-index", log_prints=True)

@@ -218,8 +218,10 @@ def train(
     ``nproc`` > 1 (default: ``$LOCDIFF_NPROC``, the work pools' job variable, else every visible GPU,
     1 on the CPU) runs it under torchrun with that many DDP processes (``locdiff.ddp``)."""
     from locdiff.ddp import launch_train, resolve_nproc
+    from locdiff.flows.training_chart import TrainingChart
     from locdiff.stages.runs import train_run
 
+    chart = TrainingChart(config.train.max_steps, config.train.batch_size)
     nproc = resolve_nproc(nproc, config.train.device)
     if nproc > 1:
         return launch_train(
@@ -233,6 +235,7 @@ def train(
             preset=preset,
             stop_after_steps=stop_after_steps,
             log=_logger(),
+            on_curves=chart,
         )
     bar = Progress("train", f"training {name or preset or ''}".strip())
     key = train_run(
@@ -246,6 +249,7 @@ def train(
         stop_after_steps=stop_after_steps,
         progress=bar,
         log=_logger(),
+        on_curves=chart,
     )
     bar.done()
     return key
@@ -259,8 +263,10 @@ def evaluate(
     dataset: str | None = None,
     baselines: list[str] | None = None,
     retrieval_key: str | None = None,
+    device: str | None = None,
 ) -> str:
-    """Evaluate a committed run on one split of an embeddings artifact; returns the eval key."""
+    """Evaluate a committed run on one split of an embeddings artifact; returns the eval key (the
+    predictor on ``device``: None/auto = CUDA when available)."""
     from locdiff.stages.evals import BASELINES, evaluate_run
 
     bar = Progress("evaluate", f"evaluating on {dataset or embeddings_key}/{split or 'all'}")
@@ -273,6 +279,7 @@ def evaluate(
         baselines=list(BASELINES if baselines is None else baselines),
         progress=bar,
         retrieval_key=retrieval_key,
+        device=device,
     )
     bar.done()
     return key

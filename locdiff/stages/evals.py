@@ -4,8 +4,9 @@ Writes ``eval/<run name>/<dataset>/<hash>`` (upstream: the run, the embeddings, 
 run's decoder searches and, when given, the retrieval index) with ``predictions.parquet`` (one row per
 method and image: true and predicted lat/lon, distance, score, top-k modes with their mass, LocDiff's
 50 %/90 % credible radii) and ``metrics.parquet`` (one row per method: accuracy at 1/25/200/750/2500 km,
-median/mean km, GeoScore, n; LocDiff's row adds the coverage of its credible radii, raw and calibrated on
-the run's ``val`` split); the manifest carries the metrics too.
+median/mean km, GeoScore, n; LocDiff's row adds the coverage of its credible radii as predicted (with
+the scales the run fitted on its ``val`` split when it was trained, see ``load_predictor``), raw
+(``_raw``) and refitted on ``val`` here (``_cal``)); the manifest carries the metrics too.
 
 Methods side by side: ``locdiff``; with a retrieval index ``locdiff-h`` (LocDiff-H) and ``retrieval-1nn``
 (the nearest gallery image's location); the baselines (default ``most-common-region``).
@@ -91,11 +92,13 @@ def evaluate_run(
     seed: int = 0,
     progress: Callable[[float, float], None] | None = None,
     retrieval_key: str | None = None,
+    device: str | None = None,
 ) -> str:
     """Evaluate a committed run on one split (None: every row) of an embeddings artifact; returns the key.
 
     ``retrieval_key``: a retrieval index (``locdiff.stages.retrieval``) built from the run's training
-    split: adds the ``locdiff-h`` and ``retrieval-1nn`` methods."""
+    split: adds the ``locdiff-h`` and ``retrieval-1nn`` methods. ``device``: where the predictor runs
+    (None or "auto": CUDA when available); not part of the key."""
     from locdiff.stages.embeddings import iter_embeddings
     from locdiff.stages.runs import load_predictor, predict_embeddings
 
@@ -119,7 +122,7 @@ def evaluate_run(
 
         from locdiff.stages.retrieval import load_index
 
-        predictor = load_predictor(store, run_key)
+        predictor = load_predictor(store, run_key, None if device == "auto" else device)
         index = load_index(store, retrieval_key) if retrieval_key else None
         train_emb_key = run_man.get("embeddings") or embeddings_key
         fitted = {kind: _fit_baseline(kind, store, train_emb_key) for kind in baselines}
@@ -213,6 +216,8 @@ def _write(w, run_key, dataset, split, ids, lat, lon, methods, calib=None) -> No
             if calib:
                 c50, c90 = calib["config_scales"]
                 m.update(
+                    coverage50_raw=coverage(dist, r50 / c50),
+                    coverage90_raw=coverage(dist, r90 / c90),
                     coverage50_cal=coverage(dist, r50 / c50 * calib["radius50_scale"]),
                     coverage90_cal=coverage(dist, r90 / c90 * calib["radius90_scale"]),
                 )

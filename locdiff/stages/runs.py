@@ -113,16 +113,31 @@ def load_checkpoint(store: Store, run_key: str, relpath: str = MODEL_FILE) -> di
         raise UserError(str(exc), "delete the artifact and retrain, or restore it from a backup") from None
 
 
-def load_predictor(store: Store, run_key: str, device: str | None = None):
-    """A ``Predictor`` from the run's EMA weights, decoding on the run's own anchor set."""
+def load_predictor(store: Store, run_key: str, device: str | None = None, calibrated: bool = True):
+    """A ``Predictor`` from the run's EMA weights, decoding on the run's own anchor set.
+
+    ``calibrated``: the credible radii use the scales the run fitted on its ``val`` split when it was
+    trained (manifest ``radius_calibration``), unless the run's config sets its own
+    ``infer.radius50_scale``/``radius90_scale`` (anything but 1). ``predict``, ``serve`` and
+    evaluation all load runs through here."""
+    man = store.manifest(run_key)
+    anchors = (man.get("anchors") or {}).get("uniform")
+    predictor = _predictor(store, load_checkpoint(store, run_key), anchors, device)
+    calib = man.get("radius_calibration") or {}
+    inf = predictor.config.infer
+    if calibrated and calib and (inf.radius50_scale, inf.radius90_scale) == (1.0, 1.0):
+        scales = {k: float(calib[k]) for k in ("radius50_scale", "radius90_scale")}
+        predictor.config = predictor.config.replace(infer=scales)
+    return predictor
+
+
+def _predictor(store: Store, ckpt: dict, anchors_key: str | None, device: str | None = None):
     from locdiff.stages.anchors import anchor_grid
     from locdiff_core.sampling import Predictor
 
-    ckpt = load_checkpoint(store, run_key)
-    anchors = (store.manifest(run_key).get("anchors") or {}).get("uniform")
     predictor = Predictor.from_checkpoint(ckpt, device=device)
-    if anchors:
-        predictor.anchors = anchor_grid(store, anchors, predictor.config.max_degree)
+    if anchors_key:
+        predictor.anchors = anchor_grid(store, anchors_key, predictor.config.max_degree)
     return predictor
 
 
@@ -133,11 +148,12 @@ def predict_embeddings(
     estimate (``pred_lat``, ``pred_lon``, ``score``), the top-k modes (``modes_lat``/``_lon``/``_mass``
     ``[N, k]``) of the predicted distribution and its 50 %/90 % credible radii (``radius50_km``,
     ``radius90_km``: quantiles of the K samples' distances to the point estimate, times
-    ``infer.radius50_scale``/``radius90_scale``). With a ``retrieval`` index
-    (``locdiff.stages.retrieval.RetrievalIndex``) also LocDiff-H (``hybrid_lat``, ``hybrid_lon``,
-    ``hybrid_from_gallery``) and the nearest gallery image (``nn_lat``, ``nn_lon``, ``nn_sim``).
-    Evaluation, ``locdiff predict`` and serving all use this. ``generator`` (instead of ``seed``) carries
-    the random state across calls, so consecutive blocks of whole batches draw what one call would."""
+    ``infer.radius50_scale``/``radius90_scale``, the 90 % one at least the 50 % one). With a
+    ``retrieval`` index (``locdiff.stages.retrieval.RetrievalIndex``) also LocDiff-H (``hybrid_lat``,
+    ``hybrid_lon``, ``hybrid_from_gallery``) and the nearest gallery image (``nn_lat``, ``nn_lon``,
+    ``nn_sim``). Evaluation, ``locdiff predict`` and serving all use this. ``generator`` (instead of
+    ``seed``) carries the random state across calls, so consecutive blocks of whole batches draw what
+    one call would."""
     import torch
 
     inf = predictor.config.infer
@@ -151,6 +167,7 @@ def predict_embeddings(
             progress(min(i + chunk, len(emb)), len(emb))
     cat = lambda name: torch.cat([getattr(o.decoded, name).detach().cpu() for o in outs]).numpy()  # noqa: E731
     radii = torch.cat([o.radii_km((0.5, 0.9), (inf.radius50_scale, inf.radius90_scale)) for o in outs])
+    radii[:, 1] = torch.maximum(radii[:, 1], radii[:, 0])  # scaled apart, the 90 % one still holds the 50 %
     out = {
         "pred_lat": cat("lat_deg"),
         "pred_lon": cat("lon_deg"),
@@ -249,6 +266,7 @@ def train_run(
     progress: Callable[[float, float], None] | None = None,
     log: logging.Logger | None = None,
     data_on_device: bool | None = None,
+    on_curves: Callable[[str, dict], None] | None = None,
 ) -> str:
     """Train (or resume, or reuse) a LocDiff run on the train/val splits of an embeddings artifact.
 
@@ -256,25 +274,22 @@ def train_run(
     ``per_batch``); ``anchors``: ``{"uniform": key, "data": key}`` anchor-set artifacts (see
     :func:`anchor_roles`). Returns the run key. ``stop_after_steps`` (testing aid) stops the attempt
     early without committing. ``data_on_device``: hold the training rows on the CUDA device (None:
-    when they fit in half its free memory).
+    when they fit in half its free memory). Every :func:`locdiff.curves.live_every` steps the curves so
+    far are written to the run's in-flight area (the catalog's ``curves`` view, ``in_flight``) and
+    handed to ``on_curves(run_key, curves)``.
 
     Under torchrun (``locdiff.ddp``) every rank calls this: all read the memory-mapped rows, rank 0
     alone opens the writer, resumes (the checkpoint is broadcast), checkpoints and commits.
     """
+    from locdiff.curves import live_every
     from locdiff_core.checkpoint import to_bytes
     from locdiff_core.train import train
 
     log = log or logging.getLogger("locdiff.runs")
     tc = config.train
-    if tc.targets == "cache" and targets_key is None:
-        raise ValueError("train.targets='cache' needs the target cache's key (targets_key)")
-    if tc.targets == "per_batch":
-        targets_key = None
-    anchors = {r: anchors[r] for r in anchor_roles(config)} if anchors else {}
-    cfg = config.to_dict()
-    upstream = [embeddings_key, *([targets_key] if targets_key else []), *anchors.values()]
-    run_name = name or f"{Key.parse(embeddings_key).head}-{preset or 'custom'}"
-    key = stage_key(store, STAGE, run_name, cfg, upstream)
+    key, run_name, cfg, upstream, targets_key, anchors = _identity(
+        store, embeddings_key, config, targets_key, anchors, name, preset
+    )
     if store.exists(key):
         log.info("run %s is committed already; reusing it", key)
         return key
@@ -336,10 +351,13 @@ def train_run(
                 w.write_bytes(rel, to_bytes(ckpt))
                 w.commit_part(rel)
 
+            live = _LiveCurves(w, key, resume, live_every(tc), on_curves) if rank == 0 else None
+
             def on_event(event: dict) -> None:
                 _test_kill_hook(rank, event)
                 if rank != 0:
                     return
+                live(event)
                 if event.get("event") == "train":
                     if progress:
                         progress(event["step"], tc.max_steps)
@@ -374,6 +392,19 @@ def train_run(
                 )
             if rank != 0:
                 return key
+            calibration = None
+            if val_data is not None:  # the radius scales travel with the run (load_predictor uses them)
+                from locdiff.stages.evals import _val_calibration
+
+                predictor = _predictor(store, result.checkpoint, anchors.get("uniform"))
+                calibration = _val_calibration(store, predictor, embeddings_key, seed=0)
+                if calibration:
+                    log.info(
+                        "radius scales fitted on %d val rows: x%.3g (50 %%), x%.3g (90 %%)",
+                        calibration["val_n"],
+                        calibration["radius50_scale"],
+                        calibration["radius90_scale"],
+                    )
             w.write_bytes(MODEL_FILE, to_bytes(result.checkpoint))
             w.write_bytes("curves.json", json.dumps(result.curves).encode())
             w.write_table("curves.parquet", curves_table(result.curves))
@@ -386,9 +417,116 @@ def train_run(
                 targets=targets_key,
                 anchors=anchors,
                 val_metrics=result.val_metrics,
+                radius_calibration=calibration,
                 world_size=world,
             )
     return key
+
+
+class _LiveCurves:
+    """Rank 0's copy of the curves so far (from the resumed checkpoint on): every ``every`` steps and at
+    every validation they are written to the run's in-flight area and handed to ``on_curves``."""
+
+    def __init__(self, writer, key: str, resume: dict | None, every: int, on_curves) -> None:
+        import copy
+
+        self.writer, self.key, self.every, self.on_curves = writer, key, every, on_curves
+        self.curves = copy.deepcopy((resume or {}).get("curves") or {"train": [], "val": []})
+
+    def __call__(self, event: dict) -> None:
+        from locdiff.curves import LIVE_CURVES
+
+        kind = event.get("event")
+        if kind not in ("train", "val"):
+            return
+        row = {k: v for k, v in event.items() if k not in ("event", "max_steps")}
+        self.curves.setdefault(kind, []).append(row)
+        if not self.every or (kind == "train" and row["step"] % self.every):
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            sink = pa.BufferOutputStream()
+            pq.write_table(curves_table(self.curves), sink)
+            self.writer.write_live(LIVE_CURVES, sink.getvalue().to_pybytes())
+        except OSError as exc:  # the live view is best effort; training goes on
+            logging.getLogger("locdiff.runs").warning("in-flight curves of %s not written: %s", self.key, exc)
+        if self.on_curves is not None:
+            try:
+                self.on_curves(self.key, self.curves)
+            except Exception as exc:  # noqa: BLE001 - a chart must never stop training
+                logging.getLogger("locdiff.runs").warning("training chart not refreshed: %s", exc)
+
+
+def run_key(store: Store, embeddings_key: str, config: LocDiffConfig, **inputs) -> str:
+    """The key :func:`train_run` trains under for these arguments (``targets_key``, ``anchors``,
+    ``name``, ``preset``): what a launcher watches while the ranks train."""
+    return _identity(store, embeddings_key, config, *(inputs.get(k) for k in _IDENTITY_INPUTS))[0]
+
+
+_IDENTITY_INPUTS = ("targets_key", "anchors", "name", "preset")
+
+
+def _identity(store, embeddings_key, config, targets_key, anchors, name, preset):
+    """(key, run name, config dict, upstream, targets key, anchors) of a run: the key hashes the config
+    and the artifacts it reads (the target cache unless ``per_batch``; its anchor roles)."""
+    if config.train.targets == "cache" and targets_key is None:
+        raise ValueError("train.targets='cache' needs the target cache's key (targets_key)")
+    if config.train.targets == "per_batch":
+        targets_key = None
+    anchors = {r: anchors[r] for r in anchor_roles(config)} if anchors else {}
+    cfg = config.to_dict()
+    upstream = [embeddings_key, *([targets_key] if targets_key else []), *anchors.values()]
+    run_name = name or f"{Key.parse(embeddings_key).head}-{preset or 'custom'}"
+    return stage_key(store, STAGE, run_name, cfg, upstream), run_name, cfg, upstream, targets_key, anchors
+
+
+def curves_from_table(table) -> dict:
+    """The inverse of :func:`curves_table`: ``{"train": [{"step", metric: value}], "val": [...]}``."""
+    rows: dict[str, dict[int, dict]] = {}
+    for r in table.to_pylist():
+        curve, metric = r["metric"].split("/", 1)
+        rows.setdefault(curve, {}).setdefault(r["step"], {"step": r["step"]})[metric] = r["value"]
+    return {"train": [], "val": [], **{c: [by[s] for s in sorted(by)] for c, by in rows.items()}}
+
+
+LIVE_POLL_S = 5.0  # a launcher reads the in-flight curves at most this often
+
+
+class LiveWatcher:
+    """Reads a run's in-flight curves (``Store.read_live``) and hands them to ``on_curves`` when they
+    changed: how the launcher of a multi-process run (``locdiff.ddp``) refreshes the chart that rank 0
+    feeds in a single process."""
+
+    def __init__(self, store: Store, key: str, on_curves, every_s: float | None = None) -> None:
+        self.store, self.key, self.on_curves = store, key, on_curves
+        self.every_s = LIVE_POLL_S if every_s is None else every_s
+        self._last, self._seen = float("-inf"), None
+
+    def poll(self, force: bool = False) -> bool:
+        """True when new curves were handed on; at most one read per ``every_s`` unless ``force``."""
+        import time
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from locdiff.curves import LIVE_CURVES
+
+        now = time.monotonic()
+        if not force and now - self._last < self.every_s:
+            return False
+        self._last = now
+        data = self.store.read_live(self.key, LIVE_CURVES)
+        if data is None or data == self._seen:
+            return False
+        self._seen = data
+        try:
+            self.on_curves(self.key, curves_from_table(pq.read_table(pa.BufferReader(data))))
+        except Exception as exc:  # noqa: BLE001 - a chart must never stop training
+            logging.getLogger("locdiff.runs").warning("training chart not refreshed: %s", exc)
+            return False
+        return True
 
 
 # Test hook: "RANK:STEP" makes that rank SIGKILL itself at that logged step (DDP failure tests).

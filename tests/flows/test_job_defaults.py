@@ -70,3 +70,17 @@ def test_bf16_without_cuda_is_logged_not_ignored(caplog):
     with caplog.at_level(logging.WARNING, logger="locdiff_core.train"):
         train(cfg, data)
     assert any("amp='bf16' runs on CUDA only" in r.getMessage() for r in caplog.records)
+
+
+def test_the_nightly_and_locdiff_evaluate_take_a_device():
+    assert _defaults(evaluate_latest)["device"] == "auto"
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    nightly = {d["name"]: d for d in spec["deployments"]}["nightly"]
+    assert nightly["parameters"]["device"] == "auto"
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "locdiff.cli", "evaluate", "--device", "tpu"]
+    res = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "unknown --device 'tpu'" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr

@@ -56,12 +56,16 @@ def test_bad_override_is_a_user_error():
         tiny_config(max_stepz=1)
 
 
-def test_evaluate_and_report(store_uri, embeddings_key, run_key):
+def test_evaluate_and_report(store_uri, embeddings_key, run_key, monkeypatch):
     from locdiff.catalog import connect
+    from locdiff.stages import runs
 
+    devices, load = [], runs.load_predictor
+    monkeypatch.setattr(runs, "load_predictor", lambda *a, **k: devices.append(a[2]) or load(*a, **k))
     eval_key = evaluate_task.fn(
-        store_uri, run_key, embeddings_key, "test", "synthetic", ["most-common-region"]
+        store_uri, run_key, embeddings_key, "test", "synthetic", ["most-common-region"], None, "cpu"
     )
+    assert devices == ["cpu"]  # the task's device reaches the predictor
     store = Store.from_uri(store_uri)
     metrics = store.manifest(eval_key)["metrics"]
     assert set(metrics) == {"locdiff", "most-common-region"}

@@ -137,3 +137,100 @@ def _retry_503(argv: list[str]):
                 raise
             time.sleep(5 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+GPU_SECTION = "## Train on MP16 on your GPU box"
+
+
+def gpu_walkthrough() -> list[list[str]]:
+    """argv of every line of the README's "Train on MP16 on your GPU box" ```shell block."""
+    section = README.read_text().split(GPU_SECTION, 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```shell\n(.*?)```", section, flags=re.S)
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def _deployments() -> dict[str, object]:
+    """`FLOW/DEPLOYMENT` (as `prefect deployment run` takes it) -> the flow, from prefect.yaml."""
+    import importlib
+
+    import yaml
+
+    out = {}
+    for d in yaml.safe_load((README.parent / "prefect.yaml").read_text())["deployments"]:
+        path, attr = d["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), attr)
+        out[f"{flow.name}/{d['name']}"] = flow
+    return out
+
+
+@pytest.mark.slow
+def test_gpu_box_walkthrough_as_far_as_offline_allows(
+    tmp_path,
+    monkeypatch,
+    tiny_store,
+    prefect_harness,  # noqa: F811
+    http_files,
+):
+    """The walk-through in order: `make` targets exist; stack, deploy and `prefect deployment run`
+    lines parse against the CLI, prefect.yaml and the flows' parameters; the downloads run for real
+    from a local mirror of the published lists (MP16, YFCC26k); `sql` answers for a run in flight;
+    `runs`, and `evaluate --device auto` on the downloaded YFCC26k, run against a copy of the tiny run."""
+    import shutil
+
+    from locdiff.stages.runs import train_run
+    from locdiff.storage import Store
+    from tests.data.test_sources import flickr_mirror
+    from tests.flows.conftest import run_inputs, tiny_config
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(tiny_store.removeprefix("file://"), store_dir)
+    store = "file://" + str(store_dir)
+    mirrors = {}
+    for name, lists, size in (("mp16", "mp16", "z"), ("yfcc26k", "yfcc25600", "")):
+        flickr_mirror(http_files, f"{lists}_urls.csv", f"{lists}_places365.csv", size)
+        mirrors[name] = http_files.root / f"mirror-{name}"
+        (http_files.root / "mirror").rename(mirrors[name])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOCDIFF_DOWNLOADS", str(tmp_path / "downloads"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # a run in flight (stopped at step 20 of 40) whose curves the README's `sql` line reads
+    s = Store.from_uri(store)
+    emb = s.manifest(s.latest("runs"))["embeddings"]
+    cfg = tiny_config(embed_dim=1280, max_steps=40, log_every=2, checkpoint_every=0, seed=5)
+    with pytest.raises(RuntimeError, match="stopped at step 20"):
+        train_run(s, emb, cfg, **run_inputs(store, emb, cfg), stop_after_steps=20)
+
+    deployments, makefile = _deployments(), (README.parent / "Makefile").read_text()
+    outputs = {}
+    for argv in gpu_walkthrough():
+        if argv[0] == "make":
+            assert f"\n{argv[1]}:" in makefile, argv
+        elif argv[0] == "source":
+            assert argv[1:] == [".venv/bin/activate"]
+        elif argv[0] == "eval":  # eval "$(locdiff stack env)"
+            _parse_only(shlex.split(argv[1].removeprefix("$(").removesuffix(")"))[1:])
+        elif argv[0] == "prefect":
+            assert argv[1:3] == ["deployment", "run"] and argv[3] in deployments, argv
+            params = {p.split("=", 1)[0] for k, p in zip(argv, argv[1:], strict=False) if k == "--param"}
+            assert params <= set(inspect.signature(deployments[argv[3]].fn).parameters)
+        elif argv[1] in NEEDS_STACK:
+            _parse_only(argv[1:])
+        else:
+            extra = (
+                ["--mirror", str(mirrors[argv[3]]), "--processes", "0"]
+                if argv[1:3] == ["datasets", "download"]
+                else []
+            )
+            code, out, err = cli(*argv[1:], *extra, store=store)
+            assert code == 0, (argv, out, err)
+            outputs[" ".join(argv[1:4])] = out
+    for name in ("mp16", "yfcc26k"):  # 4 listed: 1 dead link, 1 without coordinates
+        assert Store.from_uri(store).manifest(outputs[f"datasets download {name}"].strip())["rows"] == 2
+    assert (
+        "train/loss"
+        in outputs["sql SELECT step, metric, value FROM curves WHERE in_flight ORDER BY step DESC LIMIT 12"]
+    )
+    assert "prod ->" in outputs["runs tag latest"]
+    evaluated = outputs["evaluate --model prod"]
+    assert "yfcc26k" in evaluated and "report:" in evaluated
+    assert "gws15k: skipped, not present locally" in evaluated

@@ -22,7 +22,7 @@ from tests.flows.conftest import run_inputs, tiny_config
 pytestmark = pytest.mark.slow
 
 # SHDD-KL on: the anchors near the batch's targets follow the global batch on every rank
-CONFIG = tiny_config(embed_dim=16, max_steps=12, batch_size=32, log_every=2, checkpoint_every=4).replace(
+CONFIG = tiny_config(embed_dim=16, max_steps=12, batch_size=32, log_every=1, checkpoint_every=4).replace(
     loss={"kind": "mse+kl"}
 )
 TOL = 1e-4  # measured here: max |w_2rank - w_1rank| = 6.0e-8 after 12 steps
@@ -46,7 +46,13 @@ def test_two_ranks_equal_one_rank_and_resume_across_world_sizes(setup, monkeypat
 
     uri, store, key, inputs = setup
     one = train_run(store, key, CONFIG, **inputs, name="one")
-    two = launch_train(uri, key, CONFIG, nproc=2, **inputs, name="two")
+    monkeypatch.setattr("locdiff.stages.runs.LIVE_POLL_S", 0.0)  # read the in-flight curves at every line
+    seen = []
+    two = launch_train(
+        uri, key, CONFIG, nproc=2, **inputs, name="two", on_curves=lambda k, c: seen.append((k, c))
+    )
+    # the launcher saw rank 0's in-flight curves (refreshed every 10 logged steps) for the run's key
+    assert seen and {k for k, _ in seen} == {two} and seen[-1][1]["train"][-1]["step"] == 10
     assert store.manifest(two)["world_size"] == 2 and store.manifest(one)["world_size"] == 1
     diff = _max_diff(store, one, two)
     print(f"max |w(2 ranks) - w(1 rank)| after {CONFIG.train.max_steps} steps: {diff:.3g}")
