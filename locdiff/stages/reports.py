@@ -39,6 +39,7 @@ def build_report(
     notes = list(notes or [])
     rows: list[dict] = []
     figures: dict[str, tuple[str, bytes]] = {}
+    sections: list[str] = []
     for ek in eval_keys:
         man = store.manifest(ek)
         metrics = man.get("metrics", {})
@@ -64,6 +65,9 @@ def build_report(
             rp.error_cdf_png(dists, title=f"{dataset}: fraction of images within distance"),
         )
         loc = metrics.get("locdiff", {})
+        mass_rel = (man.get("mass_reliability") or {}).get("locdiff")
+        if mass_rel:
+            sections.append(rp.mass_reliability_table(dataset, mass_rel))
         if loc.get("coverage50") is not None:
             series = {"raw": [(50.0, 100 * loc["coverage50"]), (90.0, 100 * loc["coverage90"])]}
             if loc.get("coverage50_cal") is not None:
@@ -84,7 +88,7 @@ def build_report(
         w.write_bytes("metrics.json", json.dumps(rows, indent=1).encode())
         # the markdown stored in the store links its images by relative file name
         stored_md = rp.markdown_report(
-            title, rows, {cap: (fname, None) for fname, (cap, _) in figures.items()}, notes
+            title, rows, {cap: (fname, None) for fname, (cap, _) in figures.items()}, notes, sections=sections
         )
         w.write_bytes("report.md", stored_md.encode())
 
@@ -92,7 +96,8 @@ def build_report(
     images = {fname: store.uri(key, fname) for fname in figures}
     report_uri = store.uri(key, "report.md")
     ui_md = rp.markdown_report(
-        title, rows, {cap: (images[fname], png) for fname, (cap, png) in figures.items()}, notes
+        title, rows, {cap: (images[fname], png) for fname, (cap, png) in figures.items()}, notes,
+        sections=sections,
     )
     return {
         "key": key,
