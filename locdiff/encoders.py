@@ -379,7 +379,9 @@ def _load_open_clip(
     pp = getattr(visual, "preprocess_cfg", {}) or {}
     mean = tuple(cfg.get("mean") or pp.get("mean") or open_clip.OPENAI_DATASET_MEAN)
     std = tuple(cfg.get("std") or pp.get("std") or open_clip.OPENAI_DATASET_STD)
-    del model.transformer  # the text tower is not needed
+    # keep the image tower only: dropping the wrapper drops the text tower, whatever its attribute
+    # (CLIP.transformer, CustomTextCLIP.text for SigLIP and other timm/HF-text models)
+    del model
     dim = int(
         getattr(visual, "output_dim", 0) or visual(torch.zeros(1, 3, size, size, device=device)).shape[-1]
     )

@@ -88,3 +88,47 @@ def environment_error(exc: BaseException, where: str = "") -> StoreAccessError |
                     "is the server running? check LOCDIFF_S3_ENDPOINT / AWS_ENDPOINT_URL",
                 )
     return None
+
+
+# errors of a connection or a server that a later attempt can get past (by class name: botocore, aiohttp,
+# urllib3, requests and http.client are not imported here)
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ClientConnectorError", "ClientPayloadError", "ServerDisconnectedError", "ServerTimeoutError",
+    "IncompleteRead", "RemoteDisconnected", "ChunkedEncodingError", "ProtocolError", "ResponseStreamingError",
+}
+_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling",
+                    "ThrottlingException", "RequestTimeTooSkewed", "500", "502", "503", "504"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying can help: a dropped or refused connection, a timeout, a busy or failing server
+    (S3 5xx / SlowDown), an I/O error of the OS other than a missing file, denied access or a full or
+    read-only disk. Never a :class:`UserError` (bad input, a dataset that is not in the store, ...) nor a
+    programming error (ValueError, KeyError, TypeError, ...): those fail the same way every time."""
+    import errno as _errno
+
+    chain = list(_chain(exc))
+    if any(isinstance(e, UserError) for e in chain):
+        return False
+    permanent_os = (
+        FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError
+    )
+    permanent_errno = {_errno.ENOSPC, _errno.EROFS, _errno.EDQUOT, _errno.EACCES, _errno.EPERM, _errno.ENOENT}
+    for e in chain:
+        if type(e).__name__ in _TRANSIENT_NAMES or _client_code(e) in _TRANSIENT_CODES:
+            return True
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        if isinstance(e, OSError) and not isinstance(e, permanent_os) and e.errno not in permanent_errno:
+            return True
+    return False
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry a failed task run only when its error :func:`is_transient`."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as read_error:  # the result could not be read back: a retry cannot make it worse
+        exc = read_error
+    return isinstance(exc, BaseException) and is_transient(exc)

@@ -345,6 +345,24 @@ def coverage_table(rows: Sequence[Mapping]) -> str:
     return "\n".join(out)
 
 
+def mass_reliability_table(dataset: str, rel: Mapping) -> str:
+    """Markdown: LocDiff's ``mode1_mass`` binned against how often the truth lies in that mode's basin."""
+    out = [
+        f"Mode-mass reliability on {dataset} (truth in mode 1's basin: nearer to it than to the other "
+        f"modes and within {rel['basin_km']:,.0f} km):",
+        "",
+        "| mode1_mass bin | images | mean mass % | truth in basin % | gap (points) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rel["bins"]:
+        gap = 100 * (r["hit_rate"] - r["mean_mass"])
+        out.append(
+            f"| {r['lo']:.1f}–{r['hi']:.1f} | {r['n']} | {100 * r['mean_mass']:.1f} | "
+            f"{100 * r['hit_rate']:.1f} | {gap:+.1f} |"
+        )
+    return "\n".join(out)
+
+
 def reliability_png(points: Mapping[str, Sequence[tuple[float, float]]], title: str = "") -> bytes:
     """PNG reliability diagram: observed coverage vs nominal level (both in %), one line per series
     (e.g. "raw", "calibrated on val"), with the diagonal and a ±5 point band."""
@@ -380,6 +398,7 @@ def markdown_report(
     images: Mapping[str, tuple[str, bytes | None]],
     notes: Sequence[str] = (),
     inline_max_bytes: int = 600_000,
+    sections: Sequence[str] = (),
 ) -> str:
     """The report as markdown: the metrics table, then each image (caption -> (location, png)).
 
@@ -395,6 +414,8 @@ def markdown_report(
             cov,
             "",
         ]
+    for sec in sections:  # e.g. mode-mass reliability tables
+        parts += [sec, ""]
     parts += [f"- {n}" for n in notes]
     if notes:
         parts.append("")

@@ -287,39 +287,6 @@ def run_split(fn, n: int, threads: int, min_per_thread: int, *args) -> None:
 
 
 @numba.njit(
-    [(numba.float32[:, ::1], numba.float32[::1], numba.float64[:, ::1], numba.float64[:, :, ::1],
-      numba.float64, numba.float64[:, ::1], numba.int64, numba.int64)],
-    **_JIT,
-)
-def basin_mass_range(dens, area, xyz, mode_xyz, cos_sep, out, start, stop):
-    """``out[b, j]`` = share of ``sum_g max(dens[b, g], 0) * area[g]`` from the grid points g nearer to mode
-    j than to the other modes of code b and within ``cos_sep`` of it, for codes ``start <= b < stop``."""
-    G = dens.shape[1]
-    k = mode_xyz.shape[1]
-    for b in range(start, stop):
-        for j in range(k):
-            out[b, j] = 0.0
-        total = 0.0
-        for g in range(G):
-            v = dens[b, g]
-            if v <= 0.0:
-                continue
-            total += v * area[g]
-            best = -2.0
-            owner = 0
-            x, y, z = xyz[g, 0], xyz[g, 1], xyz[g, 2]
-            for j in range(k):
-                c = mode_xyz[b, j, 0] * x + mode_xyz[b, j, 1] * y + mode_xyz[b, j, 2] * z
-                if c > best:
-                    best = c
-                    owner = j
-            if best >= cos_sep:
-                out[b, owner] += v * area[g]
-        for j in range(k):
-            out[b, j] /= max(total, 1e-300)
-
-
-@numba.njit(
     [(numba.float64[:, :, ::1], numba.boolean[:, ::1], numba.float64, numba.int64[:, ::1],
       numba.boolean[:, ::1], numba.int64, numba.int64)],
     **_JIT,

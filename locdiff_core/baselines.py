@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import TrainConfig
-from .data import GeoEmbeddings
+from .data import GeoEmbeddings, PartedGeo, as_parted
 from .sampling import check_embeddings
 from .sphere import fibonacci_lattice, latlon_to_xyz, xyz_to_latlon
 from .train import lr_at
@@ -112,7 +112,7 @@ class MostCommonCell:
 
 def train_baseline(
     kind: str,
-    train_data: GeoEmbeddings,
+    train_data: GeoEmbeddings | PartedGeo,
     train_config: TrainConfig | None = None,
     *,
     hidden: int = 512,
@@ -120,7 +120,10 @@ def train_baseline(
     dropout: float = 0.1,
     progress: Callable[[dict], None] | None = None,
 ):
-    """Train one baseline with the LocDiff loop's knobs (batch size, steps, AdamW, warmup+cosine, clip)."""
+    """Train one baseline with the LocDiff loop's knobs (batch size, steps, AdamW, warmup+cosine, clip).
+
+    ``train_data``: in memory or memory-mapped (a ``PartedGeo``, as the pipeline's artifacts are read):
+    each step gathers only its batch's rows."""
     if kind not in BASELINE_KINDS:
         raise ValueError(
             f"kind={kind!r} is not allowed; allowed values: {', '.join(map(repr, BASELINE_KINDS))}"
@@ -137,13 +140,14 @@ def train_baseline(
     opt = torch.optim.AdamW(
         model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay
     )
-    lat_all, lon_all = train_data.lat_deg.double(), train_data.lon_deg.double()
+    data = as_parted(train_data)
+    lat_all, lon_all = data.all_coords()
     model.train()
     for step in range(tc.max_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
         idx = torch.randint(0, len(train_data), (tc.batch_size,), generator=gen)
-        loss = model.loss(train_data.emb[idx].float(), lat_all[idx], lon_all[idx])
+        loss = model.loss(data.gather(idx, ("emb",))["emb"].float(), lat_all[idx], lon_all[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:

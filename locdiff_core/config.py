@@ -165,9 +165,13 @@ class TrainConfig:
     # x₀ source: "cache" = the pipeline's SHDD target cache (measured faster on CPU, bench_targets.py),
     # "per_batch" = encode each batch's coordinates (no cache built; cheaper on disk at MP16 scale)
     targets: str = "cache"
+    # steps of the trained baselines (regression, classification) that the evaluation stage fits beside
+    # this run, with this section's batch size, lr, schedule, clipping and seed (warm-up capped at a tenth)
+    baseline_steps: int = 2000
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_steps", "lr", "eval_size", "eval_samples", "eval_steps"):
+        for name in ("batch_size", "max_steps", "lr", "eval_size", "eval_samples", "eval_steps",
+                     "baseline_steps"):
             _check_positive(f"train.{name}", getattr(self, name))
         for name in ("warmup_steps", "weight_decay", "grad_clip", "log_every", "eval_every"):
             _check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
@@ -366,6 +370,7 @@ def _presets() -> dict[str, LocDiffConfig]:
             eval_samples=4,
             eval_steps=10,
             checkpoint_every=0,
+            baseline_steps=50,
         ),
         infer=InferConfig(num_samples=4, num_steps=10, batch_size=128),
     )
@@ -387,6 +392,7 @@ def _presets() -> dict[str, LocDiffConfig]:
             eval_every=500,
             eval_size=256,
             checkpoint_every=500,
+            baseline_steps=200,  # the method benchmark's shared budget (docs/results.md)
         ),
         # S=10 DDIM steps: as accurate as S=25 at 200 and at 3000 training steps, 2.5x less sampling
         # (docs/results.md, ablations A-S10 and B-3000 S=10); K=8: K=1 clearly worse (A-K1);

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,9 +41,9 @@ class Decoded:
     weight w). ``modes_*`` ``[B, k]``: the k strongest separated modes (strongest first; mode 0 is the
     refined prediction; the modes found among the 4 strongest distinct grid peaks are refined too, any
     others sit on their grid point; NaN where fewer modes exist), their
-    relative height, and their probability mass: the share of the positive part of the filtered sphere
-    function lying in each mode's basin (grid points nearer to it than to any other mode and within
-    ``min_separation_km``; area-weighted on the regular grid).
+    relative height, and their probability mass: the non-negative weights of point masses at the modes
+    that best reproduce the code at a Hann-tapered resolution (:meth:`SHDD._mode_mass`), as shares of the
+    code's total mass, so they sum to <= 1 and a clean w / (1 - w) mixture gets masses w and 1 - w.
     """
 
     lat_deg: torch.Tensor
@@ -98,9 +99,13 @@ class SHDD:
         """Per-degree weights ``[L+1]`` (float64) of a zonal smoothing kernel.
 
         ``none``: all ones. ``heat``: exp(-l(l+1) s^2 / 2) with s = radius_km / R (a spherical Gaussian of
-        width ~radius_km). ``cap``: the normalised indicator of a cap of angular radius a = radius_km / R,
-        w_l = (P_{l-1}(cos a) - P_{l+1}(cos a)) / ((2l+1)(1 - cos a)), w_0 = 1 (Funk-Hecke). A radius of 0
-        means no filtering.
+        width ~radius_km). ``cap``: a tapered cap of angular radius a = radius_km / R, the raised-cosine
+        profile K(g) = (1 + cos(pi g / a)) / 2 for g <= a, 0 beyond (K = 1, 0.85, 0.5, 0.15, 0 at g = 0,
+        a/4, a/2, 3a/4, a); w_l = int_0^a K(g) P_l(cos g) sin g dg / int_0^a K(g) sin g dg (Funk-Hecke), by
+        Gauss-Legendre quadrature. The taper makes the filtered peak of a clean code a strict maximum at its
+        point: a hard cap's indicator is flat inside the cap, so after truncation its Gibbs ripples put the
+        maximum anywhere up to ~a away (e.g. 694 km at L = 16, rho = 2,000 km; benchmarks/bench_rho.py). A
+        radius of 0 means no filtering.
         """
         if kind not in FILTER_KINDS:
             raise ValueError(f"filter kind must be one of {FILTER_KINDS}, got {kind!r}")
@@ -116,13 +121,14 @@ class SHDD:
         a = min(r / EARTH_RADIUS_KM, math.pi)
         if kind == "heat":
             return torch.exp(-l * (l + 1) * a * a / 2)
-        c = math.cos(a)
-        one_minus_c = 2 * math.sin(a / 2) ** 2
-        p = legendre_table(L + 1, torch.tensor(c, dtype=torch.float64))  # [L+2]
-        w = torch.empty(L + 1, dtype=torch.float64)
-        w[0] = 1.0
-        w[1:] = (p[:-2] - p[2:]) / ((2 * l[1:] + 1) * one_minus_c)
-        return w
+        # P_l(cos g) has <= l a / pi + 1 oscillations on [0, a]: 2 (L + 1) + 32 nodes integrate them exactly
+        # enough (the integrand is smooth; the taper is C1 at g = a)
+        x, wq = np.polynomial.legendre.leggauss(2 * (L + 1) + 32)
+        g = torch.as_tensor((x + 1) * a / 2, dtype=torch.float64)
+        profile = 0.5 + 0.5 * torch.cos(math.pi * g / a)
+        wq = torch.as_tensor(wq, dtype=torch.float64) * profile * torch.sin(g)
+        w = (legendre_table(L, torch.cos(g)) * wq[:, None]).sum(0)  # [L+1]
+        return w / w[0]
 
     def expand(self, weights: torch.Tensor) -> torch.Tensor:
         """Per-degree weights ``[L+1]`` -> per-coefficient weights ``[D]``."""
@@ -183,6 +189,21 @@ class SHDD:
         below = torch.nonzero(k < k[0] / 2)
         return float(gam[below[0, 0]] * EARTH_RADIUS_KM) if below.numel() else math.pi * EARTH_RADIUS_KM
 
+    def decode_tolerance_km(self, refine_iters: int = 4, grid: AnchorGrid | RegularGrid | None = None
+                            ) -> float:
+        """The decoder's documented precision: the step of the refinement's last stencil, half the coarse
+        grid's spacing shrunk 4x per Newton iteration (``refine_iters`` >= 1), e.g. 2.4 km at L = 32. Clean
+        codes decode within it at every filter and rho (tests/core/test_shdd.py, benchmarks/bench_rho.py)."""
+        spacing = (grid or self.search_grid()).spacing_km
+        return 0.5 * spacing / 4 ** max(refine_iters - 1, 0)
+
+    def mass_weights(self) -> torch.Tensor:
+        """Per-degree taper ``[L+1]`` of the resolution at which mode masses are fitted
+        (:meth:`_mode_mass`): a Hann window cos^2(pi l / (2 (L + 1))). It damps the truncated delta's
+        ringing, so that masses do not hinge on a mode's exact position at the top degrees."""
+        l = torch.arange(self.max_degree + 1, dtype=torch.float64)
+        return torch.cos(math.pi * l / (2 * (self.max_degree + 1))) ** 2
+
     def search_grid(self) -> RegularGrid:
         """The decoder's default coarse grid: 2(L+1) x 4(L+1) points evaluated by a fast synthesis
         (:class:`~locdiff_core.shgrid.RegularGrid`); built once per SHDD and cached."""
@@ -212,8 +233,8 @@ class SHDD:
            continuously (Newton steps on a 3x3 stencil in the local tangent plane with a shrinking step,
            in float64, on the exact sphere function); 4. keep ``top_k`` modes at least
            ``min_separation_km`` apart (default: twice the kernel's half-width); 5. measure each mode's
-           probability mass on the grid. Codes are processed in chunks of ``batch_size``, so memory does
-           not grow with the batch.
+           probability mass (:meth:`_mode_mass`). Codes are processed in chunks of ``batch_size``, so
+           memory does not grow with the batch.
 
         Args:
             coeffs: codes ``[B, D]`` in c units (x / sqrt(4 pi)).
@@ -239,23 +260,28 @@ class SHDD:
             budget = 1 << 21 if cached else 1 << 26
             batch_size = max(1, min(B, budget // len(grid)))
         cf = coeffs.to(torch.float64) * self.expand(weights)
+        raw = coeffs.to(torch.float64)  # masses are measured on the unfiltered codes
         parts = [
-            self._decode_chunk(cf[start : start + batch_size], grid, top_k, cos_sep, peak, refine_iters)
-            for start in range(0, B, batch_size)
+            self._decode_chunk(cf[s : s + batch_size], raw[s : s + batch_size], grid, top_k, cos_sep, peak,
+                               refine_iters)
+            for s in range(0, B, batch_size)
         ]
         lat, lon, score, modes_lat, modes_lon, modes_score, modes_mass = (
             torch.cat(f) for f in zip(*parts, strict=True)
         )
         return Decoded(lat, lon, score, modes_lat, modes_lon, modes_score, modes_mass)
 
-    def _decode_chunk(self, cf, grid, k: int, cos_sep: float, peak: float, iters: int):
-        """Decode a chunk of filtered codes ``cf [b, D]`` (float64); see :meth:`decode`."""
+    def _decode_chunk(self, cf, raw, grid, k: int, cos_sep: float, peak: float, iters: int):
+        """Decode a chunk of filtered codes ``cf [b, D]`` (float64) whose unfiltered codes are ``raw``;
+        see :meth:`decode`."""
         dens = grid.evaluate(cf.to(grid.dtype))  # [b, G]
         b, G = dens.shape
         out_dtype = dens.dtype
         xyz = grid.xyz  # [G, 3] float64
         m = min(G, max(8 * k, 64))
-        cand_val, cand_idx = dens.topk(m, dim=1)  # [b, M], sorted descending
+        # on a regular grid: the strongest local maxima; on anchors: the strongest points
+        peaks = grid.peaks(dens) if isinstance(grid, RegularGrid) else dens
+        cand_val, cand_idx = peaks.topk(m, dim=1)  # [b, M], sorted descending (-inf: not a peak)
         cand_xyz = xyz[cand_idx]  # [b, M, 3]
 
         # refinement seeds: the strongest candidates at least ~1.6 grid spacings apart (distinct peaks)
@@ -283,12 +309,9 @@ class SHDD:
         modes_lat = torch.where(ok, all_lat.gather(1, pos), nan)
         modes_lon = torch.where(ok, all_lon.gather(1, pos), nan)
         modes_score = torch.where(ok, all_val.gather(1, pos) / peak, 0.0)
-        mode_xyz = torch.where(ok[:, :, None], all_xyz.gather(1, pos[:, :, None].expand(-1, -1, 3)), 0.0)
-
-        # probability mass: positive part of the density (area-weighted on a regular grid), shared among
-        # modes by nearest basin; missing modes sit at the origin (cos = 0 < cos_sep), so they own nothing
-        area = getattr(grid, "area", None)
-        mass = basin_mass(dens, area, xyz, mode_xyz, cos_sep)
+        # probability mass: point masses at the modes fitted to the Hann-tapered code (without the
+        # decoder's filter: rho moves where modes are found, not how much each holds)
+        mass = self._mode_mass(raw, all_lat.gather(1, pos), all_lon.gather(1, pos), ok)
         return (
             modes_lat[:, 0].to(out_dtype),
             modes_lon[:, 0].to(out_dtype),
@@ -298,6 +321,38 @@ class SHDD:
             modes_score.to(out_dtype),
             mass.to(out_dtype),
         )
+
+    def _mode_mass(self, c, lat, lon, ok) -> torch.Tensor:
+        """Mode masses ``[b, k]`` of codes ``c [b, D]`` (float64, unfiltered) with modes at
+        ``lat/lon [b, k]`` (``ok``: the mode exists). The non-negative weights a of point masses at the modes
+        that best reproduce the code at the tapered resolution, min || T (c - sum_j a_j Y(x_j)) ||^2 with
+        T = :meth:`mass_weights` (normal equations by the addition theorem: G_ij = sum_l T_l^2 (2l+1)/(4 pi)
+        P_l(cos g_ij), r_j = the T^2-filtered sphere function at x_j; negative weights are dropped and the
+        rest refitted), as shares of the code's total mass c_00 sqrt(4 pi) (or of sum a where larger). A
+        clean mixture sum_j w_j c(x_j) gets exactly w at its points, and a ringing side lobe found as a
+        mode gets ~0. Masses are >= 0 and sum to <= 1: the rest lies away from the modes."""
+        b, k = lat.shape
+        t2 = self.mass_weights() ** 2
+        lat = torch.where(ok, lat, lat[:, :1])
+        lon = torch.where(ok, lon, lon[:, :1])
+        xyz = latlon_to_xyz(lat, lon)  # [b, k, 3]
+        cos = (xyz[:, :, None] * xyz[:, None]).sum(-1).clamp(-1.0, 1.0)  # [b, k, k]
+        l = torch.arange(self.max_degree + 1, dtype=torch.float64)
+        gram = legendre_table(self.max_degree, cos) @ ((2 * l + 1) / (4 * math.pi) * t2)
+        rhs = evaluate_at_points(c * self.expand(t2), lat, lon)  # [b, k]
+        eye = torch.eye(k, dtype=torch.float64)
+        active = ok.clone()
+        for _ in range(k):
+            both = active[:, :, None] & active[:, None, :]
+            ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).amax(1)[:, None, None] * eye
+            g = torch.where(both, gram, eye) + ridge
+            a = torch.linalg.solve(g, torch.where(active, rhs, 0.0))
+            if not (active & (a < 0)).any():
+                break
+            active = active & (a >= 0)
+        a = torch.where(active, a, 0.0).clamp_min(0.0)
+        total = c[:, 0] * math.sqrt(4 * math.pi)  # the integral of the code's sphere function
+        return a / torch.maximum(total, a.sum(1)).clamp_min(1e-300)[:, None]
 
     def _refine(self, cf, lat, lon, spacing_km: float, iters: int):
         """Refine seeds ``lat/lon [b, R]`` (degrees, float64) of codes ``cf [b, D]`` (see _refine_torch)."""
@@ -363,34 +418,6 @@ class SHDD:
         best_p = torch.where(improved[..., None], p, best_p)
         out_lat, out_lon = xyz_to_latlon(best_p)
         return out_lat, out_lon, best_val
-
-
-def basin_mass(dens, area, xyz, mode_xyz, cos_sep: float) -> torch.Tensor:
-    """Share of the positive part of each density ``dens [b, G]`` (weighted by ``area [G]``, or uniform)
-    lying in each mode's basin: grid points ``xyz [G, 3]`` nearer to mode j of ``mode_xyz [b, k, 3]`` than
-    to the others and within ``cos_sep`` of it. Modes at the origin (missing) own nothing. ``[b, k]``."""
-    b, G = dens.shape
-    k = mode_xyz.shape[1]
-    kern = _kernels() if dens.device.type == "cpu" else None
-    if kern is not None:
-        mass = torch.empty((b, k), dtype=torch.float64)
-        w = area if area is not None else torch.ones(G)
-        kern.run_split(
-            kern.basin_mass_range, b, torch.get_num_threads(), 8,
-            dens.float().contiguous().numpy(), w.float().contiguous().numpy(),
-            xyz.double().contiguous().numpy(), mode_xyz.double().contiguous().numpy(), float(cos_sep),
-            mass.numpy(),
-        )
-        return mass
-    pos = dens.clamp_min(0)
-    if area is not None:
-        pos = pos * area
-    total = pos.sum(1, dtype=torch.float64).clamp_min(1e-300)
-    cos_modes = torch.matmul(mode_xyz.to(dens.dtype), xyz.to(dens.dtype).T)  # [b, k, G]
-    best_cos, owner = cos_modes.max(dim=1)  # [b, G]
-    inside = best_cos >= cos_sep
-    mass = torch.zeros((b, k), dtype=torch.float64).scatter_add_(1, owner, (pos * inside).double())
-    return mass / total[:, None]
 
 
 def _greedy_separated(xyz: torch.Tensor, val: torch.Tensor, k: int, cos_sep: float):

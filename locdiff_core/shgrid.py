@@ -86,3 +86,21 @@ class RegularGrid:
         spec[:, :, : self.max_degree + 1] = torch.complex(a, -b).permute(1, 2, 0) * half
         spec[:, :, 0] = spec[:, :, 0].real * 2
         return torch.fft.irfft(spec, n=self.n_phi, dim=-1).reshape(B, -1)
+
+    def peaks(self, dens: torch.Tensor) -> torch.Tensor:
+        """``dens [B, G]`` with every point that is not a local maximum (>= its 8 neighbours on the grid;
+        longitudes wrap, the first and last rings have no neighbour across the pole) set to -inf, so that a
+        top-k over it lists distinct peaks. Without it, the strongest peak's shoulders fill the top-k when
+        the peak is wide (a filter) or the rings are dense (near a pole) and weaker modes go missing."""
+        B = dens.shape[0]
+        d = dens.reshape(B, self.n_theta, self.n_phi)
+        low = torch.full((B, 1, self.n_phi), -torch.inf, dtype=d.dtype)
+        padded = torch.cat([low, d, low], 1)  # [B, n_theta + 2, n_phi]
+        keep = torch.ones_like(d, dtype=torch.bool)
+        for dj in (0, 1, 2):
+            ring = padded[:, dj : dj + self.n_theta]
+            for dk in (-1, 0, 1):
+                if dj == 1 and dk == 0:
+                    continue
+                keep &= d >= torch.roll(ring, dk, dims=2)
+        return torch.where(keep, d, -torch.inf).reshape(B, -1)

@@ -8,7 +8,9 @@ Conventions (DESIGN §2, §5):
   version invalidates exactly that stage. Underneath, the store is content-addressed too, so even with
   the Prefect cache bypassed (``refresh=True``) a finished artifact is found and not rebuilt.
 - Retries with exponential backoff only on tasks whose failures are transient I/O (downloads, object
-  storage); compute tasks fail fast (training resumes from its last checkpoint on the next run).
+  storage), and only for errors that a retry can get past (``locdiff.errors.retry_if_transient``: a
+  ``UserError`` or a ValueError fails at once); compute tasks fail fast (training resumes from its last
+  checkpoint on the next run).
 - Progress of long stages goes to the Prefect UI (progress artifacts) and the terminal.
 """
 
@@ -26,6 +28,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
+from locdiff.errors import retry_if_transient
 from locdiff.stages import VERSIONS
 from locdiff.storage import Store
 from locdiff_core.config import LocDiffConfig
@@ -66,6 +69,7 @@ def io_task(fn, stage: str, timeout_seconds: float, name: str | None = None):
         retries=IO_RETRIES,
         retry_delay_seconds=IO_RETRY_DELAYS,
         retry_jitter_factor=IO_RETRY_JITTER,
+        retry_condition_fn=retry_if_transient,
         timeout_seconds=timeout_seconds,
     )
 
@@ -339,6 +343,7 @@ embed_shard_task = task(
     cache_policy=NO_CACHE,
     retries=IO_RETRIES,
     retry_delay_seconds=[1, 5, 20],
+    retry_condition_fn=retry_if_transient,
     timeout_seconds=6 * 3600,
 )
 targets_task = io_task(targets, "targets", timeout_seconds=12 * 3600)

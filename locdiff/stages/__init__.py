@@ -32,8 +32,8 @@ VERSIONS = {
     "anchors": "2",
     "runs": "2",
     "retrieval": "1",
-    "eval": "3",
-    "reports": "3",  # 3: metrics rows carry geoscore and radius coverage
+    "eval": "4",  # 4: mode masses are probabilities (a point-mass fit), mass reliability in the metrics
+    "reports": "4",  # 3: metrics rows carry geoscore and radius coverage; 4: mode-mass reliability tables
     "aliases": "1",
 }
 STAGES = tuple(VERSIONS)

@@ -52,12 +52,19 @@ def _predictions_schema():
 PREDICTIONS_SCHEMA = _predictions_schema()
 
 
-def _fit_baseline(kind: str, store, train_emb_key: str):
-    """Train (cheaply) one of locdiff_core.baselines on the run's training split."""
+def _fit_baseline(kind: str, store, train_emb_key: str, train_config):
+    """Train one of locdiff_core.baselines on the run's (memory-mapped) training split, for the run's
+    ``train.baseline_steps`` with the rest of its training section."""
+    import dataclasses
+
     from locdiff.stages.runs import load_geo
     from locdiff_core.baselines import train_baseline
 
-    return train_baseline(_BASELINE_KINDS[kind], load_geo(store, train_emb_key, "train"))
+    steps = train_config.baseline_steps
+    tc = dataclasses.replace(
+        train_config, max_steps=steps, warmup_steps=min(train_config.warmup_steps, steps // 10), log_every=0
+    )
+    return train_baseline(_BASELINE_KINDS[kind], load_geo(store, train_emb_key, "train"), tc)
 
 
 def _baseline_predictions(model, emb: np.ndarray) -> dict[str, np.ndarray]:
@@ -125,7 +132,9 @@ def evaluate_run(
         predictor = load_predictor(store, run_key, None if device == "auto" else device)
         index = load_index(store, retrieval_key) if retrieval_key else None
         train_emb_key = run_man.get("embeddings") or embeddings_key
-        fitted = {kind: _fit_baseline(kind, store, train_emb_key) for kind in baselines}
+        fitted = {
+            kind: _fit_baseline(kind, store, train_emb_key, predictor.config.train) for kind in baselines
+        }
         # the split is read and predicted a block at a time (memory bounded by the block, not the split);
         # one generator across blocks of whole inference batches = the draws of one call on the split
         batch = max(1, predictor.config.infer.batch_size)
@@ -156,7 +165,9 @@ def evaluate_run(
             done += len(b_ids)
         methods = {m: {c: np.concatenate([p[m][c] for p in parts]) for c in parts[0][m]} for m in parts[0]}
         calib = _val_calibration(store, predictor, train_emb_key, seed)
-        _write(w, run_key, dataset, split, ids, np.concatenate(lat), np.concatenate(lon), methods, calib)
+        basin_km = 2 * predictor.shdd.half_width_km()  # the decoder's default mode separation
+        _write(w, run_key, dataset, split, ids, np.concatenate(lat), np.concatenate(lon), methods, calib,
+               basin_km)
 
     return get_or_build(store, STAGE, f"{run_name}/{dataset}", cfg, upstream, build)
 
@@ -192,14 +203,14 @@ def _val_calibration(store: Store, predictor, train_emb_key: str, seed: int) -> 
     }
 
 
-def _write(w, run_key, dataset, split, ids, lat, lon, methods, calib=None) -> None:
+def _write(w, run_key, dataset, split, ids, lat, lon, methods, calib=None, basin_km=None) -> None:
     import pyarrow as pa
     import torch
 
     from locdiff_core.metrics import geolocation_metrics
     from locdiff_core.sphere import haversine_km
 
-    pred_tables, metric_rows = [], []
+    pred_tables, metric_rows, reliability = [], [], {}
     t_lat, t_lon = torch.from_numpy(lat), torch.from_numpy(lon)
     for method, out in methods.items():
         p_lat = torch.as_tensor(out["pred_lat"], dtype=torch.float64)
@@ -221,6 +232,9 @@ def _write(w, run_key, dataset, split, ids, lat, lon, methods, calib=None) -> No
                     coverage50_cal=coverage(dist, r50 / c50 * calib["radius50_scale"]),
                     coverage90_cal=coverage(dist, r90 / c90 * calib["radius90_scale"]),
                 )
+        if "modes_mass" in out and basin_km:
+            reliability[method] = _mass_reliability(lat, lon, out, basin_km)
+            m.update(reliability[method]["summary"])
         metric_rows.append({"run": run_key, "dataset": dataset, "split": split or "", "method": method, **m})
         cols = {
             "method": [method] * len(ids),
@@ -249,4 +263,17 @@ def _write(w, run_key, dataset, split, ids, lat, lon, methods, calib=None) -> No
     w.set(
         metrics={r["method"]: {k: v for k, v in r.items() if k not in ("run",)} for r in metric_rows},
         calibration=calib,
+        mass_reliability=reliability,
     )
+
+
+def _mass_reliability(lat, lon, out, basin_km: float) -> dict:
+    """How well ``mode1_mass`` (the first mode's probability mass) predicts that the truth lies in that
+    mode's basin (nearer to it than to the other modes and within ``basin_km``, the decoder's default
+    mode separation): binned reliability rows plus ``mass_ece`` / ``mass_max_gap``."""
+    from locdiff_core.metrics import in_first_basin, mass_reliability, reliability_summary
+
+    mass = np.asarray(out["modes_mass"], dtype=np.float64)[:, 0]
+    hit = in_first_basin(lat, lon, np.asarray(out["modes_lat"]), np.asarray(out["modes_lon"]), basin_km)
+    rows = mass_reliability(mass, hit)
+    return {"basin_km": basin_km, "bins": rows, "summary": reliability_summary(rows)}

@@ -42,6 +42,7 @@ def build_report(
     rows: list[dict] = []
     figures: dict[str, tuple[str, bytes]] = {}
     maps: dict[str, tuple[str, bytes]] = {}  # file name -> (dataset, HTML)
+    sections: list[str] = []
     for ek in eval_keys:
         man = store.manifest(ek)
         metrics = man.get("metrics", {})
@@ -68,6 +69,9 @@ def build_report(
             rp.error_cdf_png(dists, title=f"{dataset}: fraction of images within distance"),
         )
         loc = metrics.get("locdiff", {})
+        mass_rel = (man.get("mass_reliability") or {}).get("locdiff")
+        if mass_rel:
+            sections.append(rp.mass_reliability_table(dataset, mass_rel))
         if loc.get("coverage50") is not None:
             series = {"raw": [(50.0, 100 * loc["coverage50"]), (90.0, 100 * loc["coverage90"])]}
             if loc.get("coverage50_cal") is not None:
@@ -97,7 +101,11 @@ def build_report(
         w.write_bytes("metrics.json", json.dumps(rows, indent=1).encode())
         # the markdown stored in the store links its images by relative file name
         stored_md = rp.markdown_report(
-            title, rows, {cap: (fname, None) for fname, (cap, _) in figures.items()}, notes + map_notes(str)
+            title,
+            rows,
+            {cap: (fname, None) for fname, (cap, _) in figures.items()},
+            notes + map_notes(str),
+            sections=sections,
         )
         w.write_bytes("report.md", stored_md.encode())
 
@@ -109,6 +117,7 @@ def build_report(
         rows,
         {cap: (images[fname], png) for fname, (cap, png) in figures.items()},
         notes + map_notes(images.get),
+        sections=sections,
     )
     return {
         "key": key,

@@ -26,12 +26,14 @@ def test_filters():
         w = s.degree_weights(kind, 300.0)
         assert w[0] == pytest.approx(1.0) and (w[1:].abs() <= 1 + 1e-12).all() and w[-1] < w[1]
         assert torch.equal(s.degree_weights(kind, 0.0), torch.ones(31, dtype=torch.float64))
-    # the cap filter is the normalised cap indicator: integrate P_l over the cap numerically
+    # the cap filter is the normalised raised-cosine cap (1 + cos(pi g / a)) / 2: integrate it against P_3
     a = 500.0 / 6371.0088
-    t = torch.linspace(math.cos(a), 1.0, 200001, dtype=torch.float64)
+    g = torch.linspace(0.0, a, 200001, dtype=torch.float64)
+    t = torch.cos(g)
+    prof = (1 + torch.cos(math.pi * g / a)) / 2 * torch.sin(g)
     p3 = 0.5 * (5 * t**3 - 3 * t)
     assert s.degree_weights("cap", 500.0)[3].item() == pytest.approx(
-        torch.trapezoid(p3, t).item() / (1 - math.cos(a)), rel=1e-6
+        torch.trapezoid(p3 * prof, g).item() / torch.trapezoid(prof, g).item(), rel=1e-6
     )
     with pytest.raises(ValueError, match="one of \\('none', 'heat', 'cap'\\)"):
         s.degree_weights("gauss", 1.0)
@@ -134,8 +136,56 @@ def test_mixture_decodes_to_heavier_point_and_top2_modes():
         < s.default_grid().spacing_km
     )
     assert d.modes_mass[0, 0] > d.modes_mass[0, 1] > d.modes_mass[0, 2]
+    assert d.modes_mass[0, 0].item() == pytest.approx(0.6, abs=0.02)
+    assert d.modes_mass[0, 1].item() == pytest.approx(0.4, abs=0.02)
     assert d.modes_score[0, 0].item() == pytest.approx(0.6, abs=0.05)
     assert d.modes_score[0, 1].item() == pytest.approx(0.4, abs=0.05)
+
+
+@pytest.mark.parametrize("L", [16, 32, 64])
+def test_clean_codes_decode_to_their_point_at_every_rho_and_filter(L):
+    """Issue 24: a filter sets the decoder's resolution and must not move a clean code's answer."""
+    s = SHDD(L)
+    lat, lon = sample_uniform(24, generator=torch.Generator().manual_seed(L))
+    codes = s.encode(lat, lon)
+    tol = s.decode_tolerance_km()
+    assert tol <= 5.0
+    for kind in ("cap", "heat"):
+        for rho in (0.0, 100.0, 300.0, 1000.0, 2000.0):
+            d = s.decode(codes, rho_km=rho, filter=kind, top_k=2)
+            err = haversine_km(d.lat_deg.double(), d.lon_deg.double(), lat, lon)
+            assert err.median() <= tol and err.quantile(0.99) <= 2 * tol, (kind, rho, err.max())
+            assert d.score.double().sub(1).abs().max() < 1e-3  # the filtered peak's own height
+
+
+def _two_point_mixtures(s: SHDD, w: float, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    lat, lon = sample_uniform(6 * n, generator=g)
+    la, loa, lb, lob = lat[0::2], lon[0::2], lat[1::2], lon[1::2]
+    far = torch.nonzero(haversine_km(la, loa, lb, lob) >= 2000).flatten()[:n]
+    la, loa, lb, lob = la[far], loa[far], lb[far], lob[far]
+    return (la, loa, lb, lob), w * s.encode(la, loa) + (1 - w) * s.encode(lb, lob)
+
+
+@pytest.mark.parametrize("w", [0.5, 0.7, 0.9])
+def test_mode_mass_of_clean_two_point_mixtures_is_their_weight(w):
+    s = SHDD(32)
+    (la, loa, lb, lob), codes = _two_point_mixtures(s, w, 30, seed=int(10 * w))
+    for kind, rho in (("cap", 0.0), ("cap", 300.0), ("heat", 300.0), ("cap", 1000.0)):
+        d = s.decode(codes, rho_km=rho, filter=kind, top_k=3)
+        total = d.modes_mass.double().sum(1)
+        assert (total <= 1 + 1e-6).all() and (total >= 0.95).all() and (d.modes_mass >= 0).all()
+        for j, (plat, plon, want) in enumerate(((la, loa, w), (lb, lob, 1 - w))):
+            # the mode nearest each point, and its mass
+            dist = torch.stack([
+                haversine_km(d.modes_lat_deg[:, i].double().nan_to_num(0.0),
+                             d.modes_lon_deg[:, i].double().nan_to_num(0.0), plat, plon)
+                for i in range(3)
+            ], 1)
+            near, idx = dist.min(1)
+            assert near.max() < 0.5 * s.half_width_km(), (kind, rho, j)
+            mass = d.modes_mass.double().gather(1, idx[:, None])[:, 0]
+            assert (mass - want).abs().max() <= 0.05, (kind, rho, j, mass)
 
 
 def test_decoder_with_custom_uncached_grid_matches_cached():

@@ -98,3 +98,20 @@ def test_lite0_from_local_checkpoint_matches_packaged(tmp_path, lite0):
     assert enc.weights == "file:lite0.pth"
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     torch.testing.assert_close(enc(x), lite0(x))
+
+
+@pytest.mark.parametrize(
+    ("name", "dim"),
+    [("convnext_tiny", 1024), ("ViT-B-16-SigLIP", 768)],  # a timm ConvNeXt tower; SigLIP = CustomTextCLIP
+)
+def test_open_clip_image_towers_of_every_model_class_embed(name, dim):
+    """Issue 24: "any open_clip model" -- ViT (above), ConvNeXt and SigLIP towers, random weights; the text
+    tower is dropped without naming its attribute (CustomTextCLIP has no ``transformer``)."""
+    import open_clip
+
+    with pytest.warns(UserWarning, match="RANDOM"):
+        enc = load_encoder(name, pretrained=None)
+    assert not any(isinstance(m, open_clip.CustomTextCLIP | open_clip.CLIP) for m in enc.model.modules())
+    x = torch.randint(0, 256, (1, 3, enc.image_size, enc.image_size), dtype=torch.uint8)
+    y = enc(x)
+    assert y.shape == (1, enc.dim) and enc.dim == dim and torch.isfinite(y).all()

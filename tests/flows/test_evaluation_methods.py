@@ -12,7 +12,8 @@ from locdiff.storage import Store
 from tests.flows.conftest import run_inputs, tiny_config
 
 TINY = tiny_config(max_steps=40, log_every=20)
-METHODS = ["locdiff", "locdiff-h", "most-common-region", "retrieval-1nn"]
+METHODS = ["classification", "locdiff", "locdiff-h", "most-common-region", "regression", "retrieval-1nn"]
+BASELINES = ["most-common-region", "regression", "classification"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_methods_side_by_side_with_credible_radii(store_uri, embeddings_key, run
     store = Store.from_uri(store_uri)
     index_key = retrieval_task.fn(store_uri, embeddings_key)
     eval_key = evaluate_task.fn(
-        store_uri, run_key, embeddings_key, "test", "synthetic", ["most-common-region"], index_key
+        store_uri, run_key, embeddings_key, "test", "synthetic", BASELINES, index_key
     )
     man = store.manifest(eval_key)
     assert index_key in man["upstream"]  # lineage: the evaluation rests on the index
@@ -58,6 +59,14 @@ def test_methods_side_by_side_with_credible_radii(store_uri, embeddings_key, run
     assert 0 <= loc["coverage50_cal"] <= loc["coverage90_cal"] <= 1
     cal = man["calibration"]
     assert cal["radius50_scale"] > 0 and cal["radius90_scale"] > 0 and cal["val_n"] == 64
+    # every baseline trained from the memory-mapped split (issue 24): real predictions, not a constant
+    for kind in ("regression", "classification"):
+        assert metrics[kind]["n"] == 64 and metrics[kind]["median_km"] > 0
+    # mode-mass reliability: bins of mode1_mass against "truth in mode 1's basin"
+    rel = man["mass_reliability"]["locdiff"]
+    assert sum(b["n"] for b in rel["bins"]) == 64 and rel["basin_km"] > 0
+    assert all(0 <= b["mean_mass"] <= 1 and 0 <= b["hit_rate"] <= 1 for b in rel["bins"])
+    assert 0 <= loc["mass_ece"] <= 1
 
     con = connect(store)
     rows = con.execute(
@@ -90,6 +99,7 @@ def test_methods_side_by_side_with_credible_radii(store_uri, embeddings_key, run
     assert "reliability-synthetic.png" in store.files(out["key"])
     md = store.open(out["key"], "report.md").read().decode()
     assert "GeoScore" in md and "| synthetic | locdiff-h |" in md and "calibrated" in md
+    assert "Mode-mass reliability on synthetic" in md and "| mode1_mass bin |" in md
     assert [r["method"] for r in out["rows"]][:4] == [
         "locdiff",
         "locdiff-h",

@@ -87,6 +87,28 @@ def test_round_trip_one_and_several_images(server, run_key):
     assert len(preds) == 3 and all(-90 <= q["lat"] <= 90 for q in preds)
 
 
+def test_concurrent_requests_share_forward_passes(server):
+    """Dynamic batching, asserted (issue 24): 12 requests sent at once are answered in fewer forward
+    passes than requests, read from the server's own counters in /health (``batches`` = forward passes
+    of the encoder + diffusion, ``images`` = images through them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = 12
+    before = requests.get(server + "/health", timeout=10).json()
+    body = _png(color=(120, 60, 30))
+
+    def one(_):
+        headers = {"Content-Type": "image/png"}
+        return requests.post(server + "/predict", data=body, headers=headers, timeout=120)
+
+    with ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(one, range(n)))
+    assert all(r.status_code == 200 and len(r.json()["predictions"]) == 1 for r in answers)
+    after = requests.get(server + "/health", timeout=10).json()
+    assert after["images"] - before["images"] == n
+    assert 1 <= after["batches"] - before["batches"] < n
+
+
 def test_bad_inputs_are_4xx_with_a_reason(server):
     png = {"Content-Type": "image/png"}
     cases = [
