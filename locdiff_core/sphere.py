@@ -37,14 +37,20 @@ def xyz_to_latlon(xyz) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def haversine_km(lat1_deg, lon1_deg, lat2_deg, lon2_deg, radius_km: float = EARTH_RADIUS_KM) -> torch.Tensor:
-    """Great-circle distance in km (haversine form, accurate for small and antipodal separations)."""
+    """Great-circle distance in km, accurate at every separation.
+
+    The atan2 form of the central angle (Vincenty's formula on the sphere): atan2 of the norm of the cross
+    product over the dot product of the two unit vectors, written in latitudes and the longitude
+    difference. The haversine's asin(sqrt(h)) is ill-conditioned near the antipode (h -> 1): there it
+    lost ~1e-8 of the distance, by an amount that depended on the CPU's vectorised sin/asin."""
     lat1, lon1 = check_latlon(lat1_deg, lon1_deg, "1st ")
     lat2, lon2 = check_latlon(lat2_deg, lon2_deg, "2nd ")
     p1, p2 = torch.deg2rad(lat1), torch.deg2rad(lat2)
-    dphi = p2 - p1
     dlmb = torch.deg2rad(lon2 - lon1)
-    h = torch.sin(dphi / 2) ** 2 + torch.cos(p1) * torch.cos(p2) * torch.sin(dlmb / 2) ** 2
-    return 2 * radius_km * torch.asin(torch.sqrt(h.clamp(0.0, 1.0)))
+    c1, s1, c2, s2 = torch.cos(p1), torch.sin(p1), torch.cos(p2), torch.sin(p2)
+    cross = torch.hypot(c2 * torch.sin(dlmb), c1 * s2 - s1 * c2 * torch.cos(dlmb))
+    dot = s1 * s2 + c1 * c2 * torch.cos(dlmb)
+    return radius_km * torch.atan2(cross, dot)
 
 
 def angular_distance(xyz1: torch.Tensor, xyz2: torch.Tensor) -> torch.Tensor:

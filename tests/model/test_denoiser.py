@@ -48,8 +48,9 @@ def test_condition_and_null_embedding_matter_after_a_step():
     assert not torch.allclose(net(x, t, e), net(x, t, None))
     drop = torch.tensor([True, False, True])
     mixed = net(x, t, e, drop)
-    assert torch.allclose(mixed[0], net(x[:1], t[:1], None)[0], atol=1e-6)
-    assert torch.allclose(mixed[1], net(x[1:2], t[1:2], e[1:2])[0], atol=1e-6)
+    # one row alone and in a batch of 3 may run different matmul kernels (summation order): float32 ulps
+    assert torch.allclose(mixed[0], net(x[:1], t[:1], None)[0], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(mixed[1], net(x[1:2], t[1:2], e[1:2])[0], rtol=1e-5, atol=1e-5)
     assert torch.allclose(net.guided(x, t, e, 1.0), net(x, t, e))
     g2 = net.guided(x, t, e, 2.0)
     assert torch.allclose(g2, 2 * net(x, t, e) - net(x, t, None), atol=1e-5)
