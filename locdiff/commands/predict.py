@@ -171,9 +171,9 @@ def read_source(path: str, max_bytes: int = MAX_DOWNLOAD_BYTES, timeout: float =
             except urllib3.exceptions.HTTPError as exc:  # a raw read's error (timeout, broken body)
                 raise ImageError(f"download failed ({type(exc).__name__})") from None
             return buf.getvalue()
-    from locdiff.datasets.images import read_image_file
+    from locdiff.datasets.images import read_user_file
 
-    return read_image_file(path, max_bytes)  # a FIFO or device is a reason row, never a hang
+    return read_user_file(path, max_bytes)  # a FIFO or device is a reason row, never a hang
 
 
 def image_tensor(data: bytes, preprocess, max_pixels: int | None = None):
@@ -244,10 +244,14 @@ def load_model(
     run_key = None
     run_enc = None
     if checkpoint_file:
+        from locdiff.datasets.images import MAX_CHECKPOINT_BYTES, ImageError, read_user_file
+
         try:
-            state = from_bytes(
-                Path(checkpoint_file).read_bytes(), source=f"checkpoint file {checkpoint_file}"
-            )
+            data = read_user_file(checkpoint_file, MAX_CHECKPOINT_BYTES)
+        except ImageError as exc:
+            raise UserError(f"checkpoint {checkpoint_file}: {exc.reason}", "pass a model.pt file") from None
+        try:
+            state = from_bytes(data, source=f"checkpoint file {checkpoint_file}")
         except CheckpointError as exc:
             raise UserError(str(exc), "pass a model.pt written by locdiff, or a run key") from None
         predictor = Predictor.from_checkpoint(state, device=device)

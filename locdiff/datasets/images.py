@@ -15,6 +15,8 @@ from pathlib import Path
 
 MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS (warned there, refused here)
 MAX_IMAGE_BYTES = 64 << 20  # one image file read from a user path (prepare, predict)
+MAX_CHECKPOINT_BYTES = 8 << 30  # a checkpoint file handed to predict/serve (an mp16 run's is ~0.5 GB)
+MAX_MANIFEST_BYTES = 4 << 30  # a local manifest prepare loads whole (MP16's joined CSV is ~0.5 GB)
 
 
 class ImageError(ValueError):
@@ -27,11 +29,11 @@ class ImageError(ValueError):
         self.too_large = too_large
 
 
-def read_image_file(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
-    """The bytes of a local image file, bounded: a FIFO, device, socket or folder is an
-    :class:`ImageError` at once (opened non-blocking and checked with ``fstat``, so a named pipe never
-    blocks the reader), and so is a file over ``max_bytes`` (never read past it). OSErrors of the open
-    itself (not found, permission) pass through."""
+def read_user_file(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of a local file a user named (an image, a checkpoint), bounded: a FIFO, device, socket
+    or folder is an :class:`ImageError` at once (opened non-blocking and checked with ``fstat``, so a
+    named pipe never blocks the reader), and so is a file over ``max_bytes`` (never read past it).
+    OSErrors of the open itself (not found, permission) pass through."""
     import stat
 
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))

@@ -23,7 +23,7 @@ from pathlib import Path
 from locdiff.datasets.archives import check_archive
 from locdiff.datasets.download import RetryPolicy, safe_extract
 from locdiff.datasets.downloader import DownloadOptions, NothingRecovered, download_dataset, retry_target
-from locdiff.datasets.images import ImageError, read_image_file
+from locdiff.datasets.images import MAX_MANIFEST_BYTES, ImageError, read_user_file
 from locdiff.datasets.registry import REGISTRY, hashed_val
 from locdiff.datasets.shards import DEFAULT_SHARD_SIZE, ImageRecord, SkipImage, write_dataset
 from locdiff.datasets.validate import validate_file
@@ -176,6 +176,11 @@ def prepare_from_manifest(
     for what, path in (("--manifest", manifest), ("--archive", archive)):
         if path is not None and not Path(path).is_file():  # a FIFO or device would block the reader
             raise UserError(f"{what} {path} is not a regular file", f"pass {what} a file")
+    if manifest.stat().st_size > MAX_MANIFEST_BYTES:  # loaded whole below
+        raise UserError(
+            f"--manifest {manifest} is over {MAX_MANIFEST_BYTES >> 30} GiB (it is loaded whole)",
+            "split it into several datasets, or keep only the columns id, lat, lon, image",
+        )
     archive_sha = None
     if archive is not None:  # extract next to the archive (safely), again when the archive changed
         images_root, archive_sha = _extract_archive(Path(archive))
@@ -240,7 +245,7 @@ def prepare_from_manifest(
         def load() -> bytes:
             path = resolver.local_path(ref)  # never None here: remote manifests go to _download
             try:
-                return read_image_file(path)  # bounded; a FIFO or device is skipped, never read
+                return read_user_file(path)  # bounded; a FIFO or device is skipped, never read
             except ImageError as exc:
                 raise SkipImage(f"{exc.reason} ({ref})") from None
             except FileNotFoundError:

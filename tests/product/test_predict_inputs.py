@@ -8,7 +8,7 @@ import os
 import pandas as pd
 import pytest
 
-from locdiff.datasets.images import ImageError, read_image_file
+from locdiff.datasets.images import ImageError, read_user_file
 from tests.product.conftest import cli, write_image
 
 
@@ -31,19 +31,19 @@ def test_a_fifo_is_a_reason_row_not_a_hang(tmp_path, tiny_store, run_key):
         assert by_id.loc[name, "error"] == "not a regular file (a named pipe)"
 
 
-def test_read_image_file_is_bounded(tmp_path):
+def test_read_user_file_is_bounded(tmp_path):
     big = tmp_path / "big.jpg"
     big.write_bytes(b"\xff" * 2048)
-    assert len(read_image_file(big, max_bytes=2048)) == 2048
+    assert len(read_user_file(big, max_bytes=2048)) == 2048
     with pytest.raises(ImageError, match="larger than") as info:
-        read_image_file(big, max_bytes=1024)
+        read_user_file(big, max_bytes=1024)
     assert info.value.too_large
     with pytest.raises(ImageError, match=r"not a regular file \(a folder\)"):
-        read_image_file(tmp_path)
+        read_user_file(tmp_path)
     with pytest.raises(ImageError, match=r"not a regular file \(a device\)"):
-        read_image_file("/dev/zero")  # endless: never read
+        read_user_file("/dev/zero")  # endless: never read
     with pytest.raises(FileNotFoundError):
-        read_image_file(tmp_path / "absent.jpg")
+        read_user_file(tmp_path / "absent.jpg")
 
 
 def test_a_dripping_server_cannot_hold_a_download():
@@ -80,3 +80,20 @@ def test_a_dripping_server_cannot_hold_a_download():
         stop.set()
         srv.close()
         t.join(timeout=5)
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_file_is_read_bounded(tmp_path, tiny_store, monkeypatch):
+    """--checkpoint FILE is read with the same bound as an image (MAX_CHECKPOINT_BYTES), never whole
+    whatever its size; a named pipe is never opened (it is not a file, so it is taken as a run key)."""
+    import locdiff.datasets.images as images
+
+    write_image(tmp_path / "a.jpg")
+    (tmp_path / "model.pt").write_bytes(b"\0" * 4096)
+    monkeypatch.setattr(images, "MAX_CHECKPOINT_BYTES", 1024)
+    args = ["predict", str(tmp_path / "a.jpg"), "--encoder", "efficientnet-lite0", "--checkpoint"]
+    code, out, err = cli(*args, str(tmp_path / "model.pt"), store=tiny_store)
+    assert code != 0 and "Traceback" not in err and "file larger than" in err
+    os.mkfifo(tmp_path / "pipe.pt")
+    code, out, err = cli(*args, str(tmp_path / "pipe.pt"), store=tiny_store)
+    assert code != 0 and "Traceback" not in err and "is not a run key" in err

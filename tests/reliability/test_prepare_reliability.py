@@ -293,3 +293,13 @@ def test_prepare_skips_a_fifo_with_a_reason_and_refuses_a_fifo_manifest(tmp_path
     os.mkfifo(tmp_path / "pipe.csv")
     with pytest.raises(UserError, match=r"--manifest .*pipe.csv is not a regular file"):
         prepare_from_manifest(store, "fifo", tmp_path / "pipe.csv", images_root=imgs)
+
+
+def test_a_manifest_prepare_loads_whole_is_bounded(tmp_path, store, monkeypatch):
+    import locdiff.datasets.prepare as prepare
+
+    imgs = _images(tmp_path / "imgs", 2)
+    m = _manifest(tmp_path / "m.csv", ["0.jpg", "1.jpg"])
+    monkeypatch.setattr(prepare, "MAX_MANIFEST_BYTES", m.stat().st_size - 1)
+    with pytest.raises(UserError, match=r"--manifest .*m.csv is over"):
+        prepare_from_manifest(store, "big", m, images_root=imgs)
