@@ -185,6 +185,8 @@ def launch_train(
                 if watcher is not None:
                     watcher.poll()
             proc.wait()
+        if watcher is not None:  # the last refresh of a run that stopped (a committed run's is gone)
+            watcher.poll(force=True)
         if proc.returncode != 0:
             why = _failure("".join(tail), proc.returncode, Path(spec["errors"]))
             raise UserError(

@@ -13,7 +13,14 @@ from locdiff.ddp import resolve_nproc, torchrun_command
 from locdiff.errors import UserError
 from locdiff.stages import stage_key
 from locdiff.stages.embeddings import synth_embeddings
-from locdiff.stages.runs import KILL_ENV, checkpoint_relpath, load_checkpoint, load_geo, train_run
+from locdiff.stages.runs import (
+    KILL_ENV,
+    checkpoint_relpath,
+    load_checkpoint,
+    load_geo,
+    run_key,
+    train_run,
+)
 from locdiff.storage import Store
 from locdiff_core.checkpoint import to_bytes
 from locdiff_core.train import train
@@ -46,17 +53,22 @@ def test_two_ranks_equal_one_rank_and_resume_across_world_sizes(setup, monkeypat
 
     uri, store, key, inputs = setup
     one = train_run(store, key, CONFIG, **inputs, name="one")
-    monkeypatch.setattr("locdiff.stages.runs.LIVE_POLL_S", 0.0)  # read the in-flight curves at every line
-    seen = []
-    two = launch_train(
-        uri, key, CONFIG, nproc=2, **inputs, name="two", on_curves=lambda k, c: seen.append((k, c))
-    )
-    # the launcher saw rank 0's in-flight curves (refreshed every 10 logged steps) for the run's key
-    assert seen and {k for k, _ in seen} == {two} and seen[-1][1]["train"][-1]["step"] == 10
+    two = launch_train(uri, key, CONFIG, nproc=2, **inputs, name="two")
     assert store.manifest(two)["world_size"] == 2 and store.manifest(one)["world_size"] == 1
     diff = _max_diff(store, one, two)
     print(f"max |w(2 ranks) - w(1 rank)| after {CONFIG.train.max_steps} steps: {diff:.3g}")
     assert diff < TOL
+
+    # the launcher hands on rank 0's in-flight curves (refreshed every 10 logged steps) for the run's key,
+    # the last time once the ranks are gone (here an attempt stopped after step 10, so nothing committed)
+    seen = []
+    with pytest.raises(UserError, match=r"rank \d exited with status 1"):  # both ranks stop early
+        launch_train(
+            uri, key, CONFIG, nproc=2, **inputs, name="live", stop_after_steps=10,
+            on_curves=lambda k, c: seen.append((k, c)),
+        )  # fmt: skip
+    assert {k for k, _ in seen} == {run_key(store, key, CONFIG, name="live", **inputs)}
+    assert seen[-1][1]["train"][-1]["step"] == 10
 
     # (b) rank 1 dies at step 10: one line naming it; checkpoints 4 and 8 were committed by rank 0
     monkeypatch.setenv(KILL_ENV, "1:10")
