@@ -16,6 +16,7 @@ sub-configs) and validates the result.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,8 +219,20 @@ class InferConfig:
     # these calibration factors (fitted on a validation split by the evaluation stage; 1 = raw)
     radius50_scale: float = 1.0
     radius90_scale: float = 1.0
+    # mode masses through a monotone map ((mass, hit rate), ...) fitted on val when the run was trained
+    # (locdiff_core.metrics.fit_mass_calibration); () = the decoder's masses as they are
+    mass_calibration: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
+        knots = tuple(tuple(float(v) for v in k) for k in self.mass_calibration)
+        object.__setattr__(self, "mass_calibration", knots)
+        if any(len(k) != 2 or not (0.0 <= k[0] <= 1.0 and 0.0 <= k[1] <= 1.0) for k in knots) or any(
+            b[0] < a[0] or b[1] < a[1] for a, b in itertools.pairwise(knots)
+        ):
+            raise ValueError(
+                f"infer.mass_calibration={self.mass_calibration!r} must be (mass, rate) pairs in [0, 1], "
+                "non-decreasing in both"
+            )
         _check_positive("infer.decoder_anchors", self.decoder_anchors, allow_zero=True)
         for name in (
             "hybrid_radius_km",

@@ -10,6 +10,7 @@ Conventions (peers differ; ours are stated here and in the README):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from locdiff_core._checks import as_float_tensor
@@ -70,6 +71,48 @@ def mass_reliability(mass, hit, n_bins: int = 10) -> list[dict]:
             rows.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "n": n,
                          "mean_mass": float(mass[sel].mean()), "hit_rate": float(hit[sel].mean())})
     return rows
+
+
+def fit_mass_calibration(mass, hit, n_bins: int = 20) -> tuple[tuple[float, float], ...]:
+    """A monotone map from predicted mass to observed hit rate, fitted on held-out (val) predictions:
+    the predictions sorted by mass and cut into ``n_bins`` bins of equal count, then the bins' hit rates
+    made non-decreasing by pooling adjacent violators (isotonic regression, weighted by count). Returns
+    the knots ``((mean mass, hit rate), ...)`` in increasing mass; :func:`apply_mass_calibration`
+    interpolates between them (constant beyond the ends)."""
+    mass = torch.as_tensor(mass, dtype=torch.float64).reshape(-1)
+    hit = torch.as_tensor(hit, dtype=torch.float64).reshape(-1)
+    if mass.shape != hit.shape:
+        raise ValueError(f"mass and hit must have one length, got {mass.shape} and {hit.shape}")
+    found = torch.isfinite(mass)  # an image without a mode has no mass to calibrate
+    mass, hit = mass[found].clamp(0.0, 1.0), hit[found]
+    if mass.numel() == 0:
+        raise ValueError("no finite mass to fit a calibration on")
+    order = torch.argsort(mass)
+    blocks = []  # [sum of mass, sum of hits, count], pooled while the hit rates decrease
+    for part in torch.tensor_split(order, min(n_bins, mass.numel())):
+        blocks.append([float(mass[part].sum()), float(hit[part].sum()), part.numel()])
+        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] > blocks[-1][1] / blocks[-1][2]:
+            m, h, n = blocks.pop()
+            blocks[-1] = [blocks[-1][0] + m, blocks[-1][1] + h, blocks[-1][2] + n]
+    return tuple((m / n, h / n) for m, h, n in blocks)
+
+
+def apply_mass_calibration(modes_mass, knots) -> np.ndarray:
+    """Mode masses ``[N, k]`` with the first mode's through the fitted map (:func:`fit_mass_calibration`,
+    which was fitted on first modes) and the others rescaled to share what is left in the same
+    proportions as before, so each row still sums to at most 1. NaN (no mode) stays NaN."""
+    mass = np.array(modes_mass, dtype=np.float64, ndmin=2)
+    kx, ky = (np.asarray(v, dtype=np.float64) for v in zip(*knots, strict=True))
+    first = mass[:, 0]
+    cal = np.where(np.isfinite(first), np.interp(np.nan_to_num(first), kx, ky), np.nan)
+    rest = np.nansum(mass[:, 1:], axis=1)
+    # the other modes keep their shares of the rest: scaled by (1 - new first) / (1 - old first) at most
+    scale = np.where(rest > 0, np.minimum(1.0, (1.0 - cal) / np.maximum(1.0 - first, 1e-12)), 1.0)
+    scale = np.minimum(scale, np.where(rest > 0, (1.0 - cal) / np.maximum(rest, 1e-300), np.inf))
+    out = mass.copy()
+    out[:, 0] = cal
+    out[:, 1:] *= np.nan_to_num(scale, nan=1.0)[:, None]
+    return out
 
 
 def reliability_summary(rows: list[dict], min_n: int = 50) -> dict[str, float]:

@@ -118,16 +118,21 @@ def load_predictor(store: Store, run_key: str, device: str | None = None, calibr
 
     ``calibrated``: the credible radii use the scales the run fitted on its ``val`` split when it was
     trained (manifest ``radius_calibration``), unless the run's config sets its own
-    ``infer.radius50_scale``/``radius90_scale`` (anything but 1). ``predict``, ``serve`` and
+    ``infer.radius50_scale``/``radius90_scale`` (anything but 1); likewise the mode masses go through
+    the map fitted there (``mass_calibration``) unless the config sets one. ``predict``, ``serve`` and
     evaluation all load runs through here."""
     man = store.manifest(run_key)
     anchors = (man.get("anchors") or {}).get("uniform")
     predictor = _predictor(store, load_checkpoint(store, run_key), anchors, device)
     calib = man.get("radius_calibration") or {}
     inf = predictor.config.infer
+    fitted: dict = {}
     if calibrated and calib and (inf.radius50_scale, inf.radius90_scale) == (1.0, 1.0):
-        scales = {k: float(calib[k]) for k in ("radius50_scale", "radius90_scale")}
-        predictor.config = predictor.config.replace(infer=scales)
+        fitted.update({k: float(calib[k]) for k in ("radius50_scale", "radius90_scale")})
+    if calibrated and calib.get("mass_calibration") and not inf.mass_calibration:
+        fitted["mass_calibration"] = calib["mass_calibration"]
+    if fitted:
+        predictor.config = predictor.config.replace(infer=fitted)
     return predictor
 
 
@@ -174,10 +179,14 @@ def predict_embeddings(
         "score": cat("score"),
         "modes_lat": cat("modes_lat_deg"),
         "modes_lon": cat("modes_lon_deg"),
-        "modes_mass": cat("modes_mass"),
+        "modes_mass": cat("modes_mass"),  # the decoder's masses, through the run's val fit if it has one
         "radius50_km": radii[:, 0].numpy(),
         "radius90_km": radii[:, 1].numpy(),
     }
+    if inf.mass_calibration:
+        from locdiff_core.metrics import apply_mass_calibration
+
+        out["modes_mass"] = apply_mass_calibration(out["modes_mass"], inf.mass_calibration)
     if retrieval is not None:
         from locdiff_core.hybrid import hybrid_from_neighbours
 

@@ -1,5 +1,7 @@
 """Retrieval search, LocDiff-H over neighbours, credible radii and their calibration (pure functions)."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +138,30 @@ def test_hybrid_with_a_scorer_searches_around_every_mode():
     one = hybrid_modes_with_scorer(emb, pred, pred, pred[:, None], pred[:, None], Fixed(), radius_km=200)
     ref = hybrid_predict(emb, pred, pred, Fixed(), radius_km=200)
     assert torch.equal(one.gallery_idx, ref.gallery_idx)
+
+
+def test_mass_calibration_is_monotone_and_calibrates_fresh_predictions():
+    from locdiff_core.metrics import apply_mass_calibration, fit_mass_calibration, mass_reliability
+
+    rng = np.random.default_rng(0)
+
+    def draw(n):  # an over-confident first-mode mass: the truth is in its basin with p = 0.3 + 0.6 m
+        m = rng.uniform(0, 1, n)
+        return m, rng.uniform(0, 1, n) < 0.3 + 0.6 * m
+
+    m, hit = draw(20_000)
+    knots = fit_mass_calibration(np.append(m, np.nan), np.append(hit, False))  # NaN (no mode) ignored
+    assert len(knots) <= 20 and all(b[0] >= a[0] and b[1] >= a[1] for a, b in itertools.pairwise(knots))
+    m2, hit2 = draw(20_000)
+    raw = np.stack([m2, 0.5 * (1 - m2), np.full_like(m2, np.nan)], 1)
+    cal = apply_mass_calibration(raw, knots)
+
+    def worst(mass, h):
+        return max(abs(r["mean_mass"] - r["hit_rate"]) for r in mass_reliability(mass, h) if r["n"] >= 50)
+
+    assert worst(m2, hit2) > 0.2 and worst(cal[:, 0], hit2) < 0.03
+    assert np.isnan(cal[:, 2]).all() and (cal[:, 1] >= 0).all()
+    assert np.nansum(cal, axis=1).max() <= 1 + 1e-9  # still probabilities of disjoint basins
+    # the other modes keep their proportions of what the first leaves
+    up = cal[:, 0] > m2
+    np.testing.assert_allclose(cal[up, 1] / (1 - cal[up, 0]), raw[up, 1] / (1 - m2[up]), rtol=1e-9)

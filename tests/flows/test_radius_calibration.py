@@ -1,5 +1,5 @@
-"""The radius scales fitted on val travel with the run: training stores them in the run's manifest,
-and load_predictor (what predict, serve and evaluation share) applies them by default."""
+"""The radius scales and the mode-mass map fitted on val travel with the run: training stores them in
+the run's manifest, and load_predictor (what predict, serve and evaluation share) applies them."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ import numpy as np
 from locdiff.stages.embeddings import iter_embeddings
 from locdiff.stages.runs import load_predictor, predict_embeddings, train_run
 from locdiff.storage import Store
+from locdiff_core.metrics import apply_mass_calibration
 from tests.flows.conftest import run_inputs, tiny_config
 
 CFG = tiny_config(max_steps=30, log_every=10, seed=11)
 
 
-def test_a_run_with_val_carries_its_radius_scales_into_predictions(store_uri, embeddings_key):
+def test_a_run_with_val_carries_its_radius_scales_into_predictions(store_uri, embeddings_key, monkeypatch):
+    import locdiff.stages.evals as evals
+
+    monkeypatch.setattr(evals, "MASS_CALIBRATION_MIN_ROWS", 64)  # this val split's size
     store = Store.from_uri(store_uri)
     key = train_run(store, embeddings_key, CFG, **run_inputs(store_uri, embeddings_key, CFG))
     cal = store.manifest(key)["radius_calibration"]
@@ -30,4 +34,15 @@ def test_a_run_with_val_carries_its_radius_scales_into_predictions(store_uri, em
     # (scaled apart, a 90 % radius below its 50 % one is raised to it)
     want90 = np.maximum(raw["radius90_km"] * s90, raw["radius50_km"] * s50)
     np.testing.assert_allclose(out["radius90_km"], want90, rtol=1e-5)
-    np.testing.assert_array_equal(out["pred_lat"], raw["pred_lat"])  # only the radii change
+    np.testing.assert_array_equal(out["pred_lat"], raw["pred_lat"])  # the point estimate does not change
+
+    # the mode-mass map fitted on val travels the same way
+    knots = cal["mass_calibration"]
+    assert knots and all(0 <= x <= 1 and 0 <= y <= 1 for x, y in knots)
+    assert [k[1] for k in knots] == sorted(k[1] for k in knots)  # monotone
+    assert cal_pred.config.infer.mass_calibration == tuple(map(tuple, knots))
+    np.testing.assert_allclose(out["modes_mass"], apply_mass_calibration(raw["modes_mass"], knots))
+    assert np.nansum(out["modes_mass"], axis=1).max() <= 1 + 1e-9
+    # below the minimum val size no map is fitted: the masses stay the decoder's
+    monkeypatch.setattr(evals, "MASS_CALIBRATION_MIN_ROWS", 65)
+    assert evals._val_calibration(store, cal_pred, embeddings_key, seed=0)["mass_calibration"] == []
