@@ -37,7 +37,7 @@ def committed_embeddings(store, key: str, param: str) -> str:
     if not ok:
         raise UserError(
             f"{param}: {key!r} is not a committed embeddings artifact in {store.url}",
-            'allowed: a key listed by `locdiff sql "SELECT key FROM artifacts WHERE stage = \'embeddings\'"`',
+            "allowed: a key listed by `locdiff sql \"SELECT key FROM artifacts WHERE stage = 'embeddings'\"`",
         )
     return key
 
