@@ -31,6 +31,7 @@ from locdiff.stages import get_or_build
 from locdiff.storage import ArtifactWriter, Key, Store
 
 STAGE = "targets"
+BLOCK_ROWS = 8192  # rows encoded at a time when building the cache
 _DTYPES = {"float32": (pa.float32(), np.float32), "float16": (pa.float16(), np.float16)}
 
 
@@ -98,9 +99,13 @@ def build_targets(store: Store, embeddings_key: str, max_degree: int, dtype: str
             if w.part_done(rel) and w.part_done(arr_rel):
                 continue
             t = store.read_table(embeddings_key, rel, columns=["image_id", "lat", "lon", "split"])
-            codes = targets_for(t["lat"].to_numpy(), t["lon"].to_numpy(), max_degree, torch.float64)
+            lat, lon = t["lat"].to_numpy(), t["lon"].to_numpy()
+            codes = np.empty((t.num_rows, (max_degree + 1) ** 2), _DTYPES[dtype][1])
+            for i in range(0, t.num_rows, BLOCK_ROWS):  # float64 one block at a time: the part's float64
+                j = i + BLOCK_ROWS  # codes alone would be 3.4 GB at L = 64 and 100 k rows
+                codes[i:j] = targets_for(lat[i:j], lon[i:j], max_degree, torch.float64).numpy()
             with w.open(arr_rel, "wb") as f:
-                np.save(f, codes.numpy().astype(_DTYPES[dtype][1]), allow_pickle=False)
+                np.save(f, codes, allow_pickle=False)
             w.commit_part(arr_rel)
             w.write_table(rel, t.select(["image_id", "split"]))  # the codes' one copy is the array
             w.commit_part(rel, rows=t.num_rows)
