@@ -25,6 +25,23 @@ from locdiff.flows.stages import (
 BENCHMARKS = ("yfcc26k", "gws15k", "im2gps3k", "yfcc4k")  # what train-mp16 and the nightly evaluate on
 
 
+def committed_embeddings(store, key: str, param: str) -> str:
+    """``key`` when it is a committed embeddings artifact, else a one-line UserError naming ``param``."""
+    from locdiff.errors import UserError
+    from locdiff.storage import Key
+
+    try:
+        ok = Key.parse(key).stage == "embeddings" and store.exists(key)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UserError(
+            f"{param}: {key!r} is not a committed embeddings artifact in {store.url}",
+            "allowed: a key listed by `locdiff sql \"SELECT key FROM artifacts WHERE stage = 'embeddings'\"`",
+        )
+    return key
+
+
 def evaluate_present(
     storage: str | None,
     run_key: str,
@@ -39,12 +56,27 @@ def evaluate_present(
     returns (eval keys, notes on the ones skipped). ``retrieval_key``: the run's gallery index (adds
     LocDiff-H and retrieval 1-NN); ``device``: the predictor's (default: the encoder's, else auto)."""
     from locdiff.stages.datasets import latest_dataset
-    from locdiff.storage import Store
+    from locdiff.storage import Key, Store
 
     log = get_run_logger()
     store = Store.from_uri(storage)
     eval_keys, notes = [], []
     for name in datasets:
+        if name.startswith("embeddings/"):  # features computed elsewhere: every row, no embedding stage
+            ek = committed_embeddings(store, name, "eval_datasets")
+            eval_keys.append(
+                evaluate_flow(
+                    storage=storage,
+                    run_key=run_key,
+                    embeddings_key=ek,
+                    split=None,
+                    dataset=Key.parse(ek).head,
+                    baselines=baselines,
+                    retrieval_key=retrieval_key,
+                    device=device or (encoder_options or {}).get("device"),
+                )
+            )
+            continue
         key = latest_dataset(store, name)
         if key is None:
             note = f"{name}: skipped, not present locally (see `locdiff datasets list` for how to obtain it)"
@@ -82,20 +114,28 @@ def run_pipeline(
     title: str,
     nproc: int | None = None,
     dask: str | None = None,
+    embeddings: str | None = None,
 ) -> dict:
     from locdiff.stages.datasets import splits
     from locdiff.stages.runs import anchor_roles, resolve_config
-    from locdiff.storage import Store
+    from locdiff.storage import Key, Store
 
     log = get_run_logger()
     config = resolve_config(preset, overrides)  # a typo in an override fails now, not after embedding
     baselines = list(baselines or [])
 
-    ds_key = prepare_flow(storage=storage, dataset=dataset, options=dataset_options or {})
-    emb_key = embed_flow(
-        storage=storage, dataset_key=ds_key, encoder=encoder, options=encoder_options or {}, dask=dask
-    )
     store = Store.from_uri(storage)
+    for name in eval_datasets or []:  # a mistyped key fails now, not after training
+        if name.startswith("embeddings/"):
+            committed_embeddings(store, name, "eval_datasets")
+    if embeddings:  # features committed already (computed elsewhere, or synthetic): no prepare, no embed
+        ds_key, emb_key = None, committed_embeddings(store, embeddings, "embeddings")
+        dataset = Key.parse(emb_key).head
+    else:
+        ds_key = prepare_flow(storage=storage, dataset=dataset, options=dataset_options or {})
+        emb_key = embed_flow(
+            storage=storage, dataset_key=ds_key, encoder=encoder, options=encoder_options or {}, dask=dask
+        )
     config = config.replace(embed_dim=int(store.manifest(emb_key)["dim"]))  # the data's width
     targets_key = None
     if config.train.targets == "cache":
@@ -120,7 +160,7 @@ def run_pipeline(
     retrieval_key = retrieval_flow(storage=storage, embeddings_key=emb_key, split="train")
 
     eval_keys, notes = [], []
-    if splits(store, ds_key).get("test"):
+    if ds_key and splits(store, ds_key).get("test"):
         eval_keys.append(
             evaluate_flow(
                 storage=storage,
@@ -134,7 +174,8 @@ def run_pipeline(
             )
         )
     else:
-        notes.append(f"{dataset}: no test split; evaluated on the benchmarks present only")
+        what = "given as embeddings" if embeddings else "no test split"
+        notes.append(f"{dataset}: {what}; evaluated on the benchmarks present only")
         log.info(notes[-1])
     more, skipped = evaluate_present(
         storage, run_key, encoder, eval_datasets or [], baselines, encoder_options, retrieval_key

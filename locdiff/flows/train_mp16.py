@@ -28,6 +28,7 @@ def train_mp16(
     device: str = "auto",
     nproc: int | None = None,
     dask: str | None = None,
+    embeddings: str | None = None,
 ) -> dict:
     """prepare -> embed -> targets -> anchors -> train -> evaluate -> report.
 
@@ -39,7 +40,11 @@ def train_mp16(
     data/store); refresh: retrain even when an identical run is cached; device: auto (CUDA when
     available) | cuda | cpu, for embedding and training; nproc: training processes under torchrun
     (default: every visible GPU, 1 on the CPU); dask: fan the embedding out over a Dask cluster
-    ("local" or a scheduler address).
+    ("local" or a scheduler address); embeddings: the key of a committed embeddings artifact
+    (`embeddings/...`, e.g. features computed elsewhere or `locdiff datasets synth`) to train on instead of
+    prepare -> embed (dataset and encoder then unused; its `train` split trains, `val` calibrates, and only
+    eval_datasets are evaluated). An eval_datasets entry may also be an embeddings key: all its rows are
+    evaluated as they are.
     """
     overrides = dict(overrides or {})
     encoder_options = {"device": device, **(encoder_options or {})}
@@ -58,5 +63,6 @@ def train_mp16(
         refresh=refresh,
         nproc=nproc,
         dask=dask,
-        title=f"train-mp16 {dataset} {encoder} {preset}",
+        embeddings=embeddings,
+        title=f"train-mp16 {embeddings or dataset} {encoder} {preset}",
     )

@@ -28,7 +28,7 @@ from locdiff.storage import ArtifactWriter, Store
 VERSIONS = {
     "datasets": "1",
     "embeddings": "2",
-    "targets": "3",
+    "targets": "4",  # 4: the codes only in the .npy arrays (the Parquet parts keep image_id, split)
     "anchors": "2",
     "runs": "2",
     "retrieval": "1",

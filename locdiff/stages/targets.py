@@ -12,10 +12,11 @@ MP16's 4.7 M images); at that scale, or on a GPU (not measured here: no GPU on t
 ``train.targets="per_batch"``: the trainer encodes each batch's coordinates and the pipeline builds no
 cache (docs/data.md has the cost table).
 
-Artifact ``targets/<dataset>/L<L>/<hash>``: ``parts/part-xxxxx.parquet`` (image_id, code
-fixed_size_list<float32>[(L+1)^2], split) — one per embedding part, same row order — and beside each
-``arrays/part-xxxxx.code.npy`` (the same codes ``[n, (L+1)^2]``), which the trainer memory-maps
-(``locdiff.stages.embeddings.open_embeddings``) and reads a batch of rows at a time.
+Artifact ``targets/<dataset>/L<L>/<hash>``: ``parts/part-xxxxx.parquet`` (image_id, split: the row
+index) — one per embedding part, same row order — and beside each ``arrays/part-xxxxx.code.npy`` (the
+codes ``[n, (L+1)^2]``, their only copy), which the trainer memory-maps
+(``locdiff.stages.embeddings.open_embeddings``) and reads a batch of rows at a time. (Caches written
+before also hold the codes in the Parquet parts, a second copy nothing reads any more.)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from locdiff.stages import get_or_build
 from locdiff.storage import ArtifactWriter, Key, Store
 
 STAGE = "targets"
+BLOCK_ROWS = 8192  # rows encoded at a time when building the cache
 _DTYPES = {"float32": (pa.float32(), np.float32), "float16": (pa.float16(), np.float16)}
 
 
@@ -97,11 +99,16 @@ def build_targets(store: Store, embeddings_key: str, max_degree: int, dtype: str
             if w.part_done(rel) and w.part_done(arr_rel):
                 continue
             t = store.read_table(embeddings_key, rel, columns=["image_id", "lat", "lon", "split"])
-            codes = targets_for(t["lat"].to_numpy(), t["lon"].to_numpy(), max_degree, torch.float64)
+            lat, lon = t["lat"].to_numpy(), t["lon"].to_numpy()
+            codes = np.empty((t.num_rows, (max_degree + 1) ** 2), _DTYPES[dtype][1])
+            for i in range(0, t.num_rows, BLOCK_ROWS):  # float64 one block at a time: the part's float64
+                j = i + BLOCK_ROWS  # codes alone would be 3.4 GB at L = 64 and 100 k rows
+                codes[i:j] = targets_for(lat[i:j], lon[i:j], max_degree, torch.float64).numpy()
             with w.open(arr_rel, "wb") as f:
-                np.save(f, codes.numpy().astype(_DTYPES[dtype][1]), allow_pickle=False)
+                np.save(f, codes, allow_pickle=False)
             w.commit_part(arr_rel)
-            write_codes(w, rel, t["image_id"].to_pylist(), codes.float(), dtype, t["split"].to_pylist())
+            w.write_table(rel, t.select(["image_id", "split"]))  # the codes' one copy is the array
+            w.commit_part(rel, rows=t.num_rows)
         w.set(max_degree=int(max_degree), dim=(int(max_degree) + 1) ** 2, code_dtype=dtype)
 
     name = f"{Key.parse(embeddings_key).head}/L{int(max_degree)}"
@@ -109,12 +116,20 @@ def build_targets(store: Store, embeddings_key: str, max_degree: int, dtype: str
 
 
 def load_targets(store: Store, key: str, split: str | None = None) -> tuple[list[str], torch.Tensor]:
-    """(image_ids, codes float32 [N, D]) of a target cache, streamed part by part in embedding order."""
+    """(image_ids, codes float32 [N, D]) of a target cache, read part by part in embedding order."""
+    from locdiff.stages.embeddings import MappedArrays, array_relpath_of
+
     ids: list[str] = []
     parts = []
+    maps = MappedArrays(store)
     for rel in sorted(f for f in store.files(key) if f.startswith("parts/")):
-        part_ids, codes = read_codes(store, key, rel, split)
-        ids.extend(part_ids)
-        parts.append(codes)
+        t = store.read_table(key, rel, columns=["image_id", "split"])
+        codes = maps.open(key, array_relpath_of(rel, "code"), sequential=True)
+        if split is not None:
+            mask = pc.equal(t["split"], split)
+            t, codes = t.filter(mask), codes[mask.to_numpy(zero_copy_only=False)]
+        ids.extend(t["image_id"].to_pylist())
+        parts.append(torch.from_numpy(np.array(codes, dtype=np.float32)))  # a writable copy
+        maps.release()
     d = (int(store.manifest(key)["max_degree"]) + 1) ** 2
     return ids, torch.cat(parts) if parts else torch.zeros(0, d)

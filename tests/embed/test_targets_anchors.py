@@ -95,3 +95,14 @@ def test_data_anchor_sets_follow_the_data(tmp_path, embedded):
         g_lat[:500].numpy(), g_lon[:500].numpy(), g_lat[500:].numpy(), g_lon[500:].numpy()
     )
     assert np.median(nn_km) < 0.2 * np.sqrt(4 * np.pi / 10_000) * EARTH_RADIUS_KM
+
+
+def test_target_cache_built_in_blocks_equals_one_pass(embedded, monkeypatch):
+    import locdiff.stages.targets as targets
+
+    store, _, ekey = embedded
+    monkeypatch.setattr(targets, "BLOCK_ROWS", 3)  # parts of 10 rows: blocks of 3, 3, 3, 1
+    ids, codes = load_targets(store, build_targets(store, ekey, max_degree=7))
+    _, _, lat, lon = load_embeddings(store, ekey)
+    assert ids == load_embeddings(store, ekey)[0]
+    torch.testing.assert_close(codes, targets_for(lat, lon, 7, torch.float64).float())
