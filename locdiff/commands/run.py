@@ -210,14 +210,17 @@ def train_command(
         "--nproc",
         help="Training processes under torchrun/DDP (default: every visible GPU, 1 on the CPU).",
     ),
+    device: str = typer.Option("auto", help="auto (CUDA when present) | cuda | cpu, to embed and train."),
 ) -> None:
     """Run the train-mp16 pipeline in this process (against the local stack when it is up)."""
     from locdiff.ddp import resolve_nproc
     from locdiff.flows.train_mp16 import train_mp16
     from locdiff.stages.runs import resolve_config
 
+    if device not in ("auto", "cuda", "cpu"):
+        raise UserError(f"--device {device!r} is not allowed", "use auto, cuda or cpu")
     if nproc is not None:
-        resolve_nproc(nproc)  # checked now, before any stage runs
+        resolve_nproc(nproc, device)  # checked now, before any stage runs
     overrides = _parse_params(override)
     resolve_config(preset, overrides)  # one line now, not a failed flow run's traceback in its log
     out = _run_flow_in_process(
@@ -229,6 +232,7 @@ def train_command(
         eval_datasets=list(eval_dataset or []),
         baselines=["most-common-region"],
         nproc=nproc,
+        device=device,
     )
     print(f"run: {out['run']}")
 

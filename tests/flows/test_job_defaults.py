@@ -84,3 +84,15 @@ def test_the_nightly_and_locdiff_evaluate_take_a_device():
     res = subprocess.run(cli, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "unknown --device 'tpu'" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_locdiff_train_takes_device_and_nproc():
+    import inspect as _inspect
+
+    from locdiff.commands.run import train_command
+    from tests.product.conftest import cli
+
+    params = _inspect.signature(train_command).parameters
+    assert params["device"].default.default == "auto" and params["nproc"].default.default is None
+    code, _, err = cli("train", "--device", "tpu")
+    assert code != 0 and "--device 'tpu' is not allowed" in err and "Traceback" not in err
