@@ -64,26 +64,15 @@ def evaluate_present(
     for name in datasets:
         if name.startswith("embeddings/"):  # features computed elsewhere: every row, no embedding stage
             ek = committed_embeddings(store, name, "eval_datasets")
-            eval_keys.append(
-                evaluate_flow(
-                    storage=storage,
-                    run_key=run_key,
-                    embeddings_key=ek,
-                    split=None,
-                    dataset=Key.parse(ek).head,
-                    baselines=baselines,
-                    retrieval_key=retrieval_key,
-                    device=device or (encoder_options or {}).get("device"),
-                )
-            )
-            continue
-        key = latest_dataset(store, name)
-        if key is None:
-            note = f"{name}: skipped, not present locally (see `locdiff datasets list` for how to obtain it)"
-            log.warning(note)
-            notes.append(note)
-            continue
-        ek = embed_flow(storage=storage, dataset_key=key, encoder=encoder, options=encoder_options or {})
+            name = Key.parse(ek).head
+        else:
+            key = latest_dataset(store, name)
+            if key is None:
+                note = f"{name}: skipped, not present locally (`locdiff datasets list` says how to get it)"
+                log.warning(note)
+                notes.append(note)
+                continue
+            ek = embed_flow(storage=storage, dataset_key=key, encoder=encoder, options=encoder_options or {})
         eval_keys.append(
             evaluate_flow(
                 storage=storage,
