@@ -1,7 +1,8 @@
 """`locdiff predict`'s options and files: expand the inputs (files, folders walked recursively, globs,
 CSV/Parquet manifests of paths or URLs) lazily into ``locdiff.inference.Item``s, and write the rows that
 ``locdiff.inference.predict_batches`` gives (CSV, Parquet or GeoJSON, chosen by the extension) or a
-static map of them. Loading the run, decoding, encoding and predicting live in ``locdiff.inference``.
+static map of them; and the Blue Marble tiles of ``locdiff sample-images``. Loading the run, decoding,
+encoding and predicting live in ``locdiff.inference``.
 """
 
 from __future__ import annotations
