@@ -32,8 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _model(args):
     import torch
 
-    from locdiff.commands.predict import Model, flatten_predictions, load_model, predict_rows
     from locdiff.encoders import load_encoder
+    from locdiff.inference import Model, flatten_predictions, load_model, predict_rows
     from locdiff_core.checkpoint import build_model
     from locdiff_core.config import get_preset
     from locdiff_core.sampling import Predictor
@@ -67,8 +67,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from locdiff.commands.predict import Item, Timings, predict_batches
     from locdiff.datasets.bluemarble import crop_tiles, encode_jpeg, gallery_coordinates
+    from locdiff.inference import Item, Timings, predict_batches
     from locdiff_core.sampling import sample_x0
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", str(min(2, os.cpu_count() or 1)))))
@@ -106,7 +106,7 @@ def main() -> None:
 
     # split "sampling + decoding" on the same embeddings
     with torch.inference_mode():
-        from locdiff.commands.predict import image_tensor, read_source
+        from locdiff.inference import image_tensor, read_source
 
         x = torch.stack([image_tensor(read_source(it.path), m.encoder.preprocess) for it in items])
         emb = torch.cat([m.encoder(x[s : s + args.batch]).cpu() for s in range(0, n, args.batch)])

@@ -65,6 +65,7 @@ def run_one(preset: str, steps: int, loss_kind: str, n_data: int) -> dict:
 
     from locdiff_core.checkpoint import build_model
     from locdiff_core.config import get_preset
+    from locdiff_core.device import resolve_device
     from locdiff_core.diffusion import NoiseSchedule
     from locdiff_core.shdd import SHDD
     from locdiff_core.sphere import sample_uniform
@@ -73,7 +74,6 @@ def run_one(preset: str, steps: int, loss_kind: str, n_data: int) -> dict:
         GeoEmbeddings,
         compute_loss,
         ema_update,
-        resolve_device,
         sample_anchors,
         train,
     )

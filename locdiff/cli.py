@@ -83,9 +83,12 @@ def main() -> None:
         _fail(exc, 2)
     except Exception as exc:
         from locdiff_core.checkpoint import CheckpointError
+        from locdiff_core.device import DeviceError
 
         if isinstance(exc, CheckpointError):  # a checkpoint that does not load: what is wrong, one line
             _fail(UserError(str(exc), "pass a checkpoint locdiff wrote for this config, or retrain"), 2)
+        if isinstance(exc, DeviceError):  # a device that is not there: the allowed ones, one line
+            _fail(UserError(str(exc)), 2)
         err = environment_error(exc)  # access denied, unreachable endpoint, EROFS, ENOSPC, ...
         if err is None:
             raise  # a bug: keep the traceback

@@ -35,9 +35,9 @@ NPROC_ENV = "LOCDIFF_NPROC"  # the work pools' job variable (infra/work-pools) s
 
 
 def _cuda_training(device: str = "auto") -> bool:
-    import torch
+    from locdiff_core.device import resolve_device
 
-    return device != "cpu" and torch.cuda.is_available()
+    return resolve_device(device, "train.device").type == "cuda"
 
 
 def max_nproc(device: str = "auto") -> int:

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from locdiff.errors import UserError
+from locdiff_core.device import resolve_device
 
 OFFLINE_ENCODER = "efficientnet-lite0"
 DEFAULT_ENCODER = "ViT-L-14"
@@ -401,15 +402,6 @@ def _load_open_clip(
 
 
 # --------------------------------------------------------------------------------------------- registry
-def _resolve_device(device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available", "use --device cpu")
-    return dev
-
-
 _REGISTRY: dict[str, Callable[..., Encoder]] = {}
 
 
@@ -442,7 +434,7 @@ def load_encoder(
     """Build an encoder by name (see the module docstring for the entries)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"encoder name must be a non-empty string, got {name!r}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if name in _REGISTRY:
         if pretrained not in (None, "imagenet"):
             raise UserError(

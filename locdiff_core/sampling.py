@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .config import SAMPLERS, InferConfig, LocDiffConfig
 from .denoiser import CSUNet
+from .device import resolve_device
 from .diffusion import NoiseSchedule
 
 
@@ -192,9 +193,7 @@ class Predictor:
         from .checkpoint import load_model
 
         config, model = load_model(state, use_ema=use_ema)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(config, model.to(device), anchors=anchors)
+        return cls(config, model.to(resolve_device(device)), anchors=anchors)
 
     @property
     def embed_dim(self) -> int:

@@ -36,6 +36,7 @@ from .checkpoint import (
 )
 from .config import LocDiffConfig
 from .data import BatchSampler, GeoEmbeddings, PartedGeo, as_parted
+from .device import resolve_device
 from .diffusion import NoiseSchedule
 from .sampling import predict_with
 from .shdd import SHDD
@@ -94,14 +95,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def ema_decay_at(step: int, decay: float) -> float:
     """EMA decay warmed up as min(decay, (1+step)/(10+step)) so early averages are not stuck at init."""
     return min(decay, (1 + step) / (10 + step))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device='cuda' but CUDA is not available; allowed here: 'auto', 'cpu'")
-    return torch.device(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,7 +219,7 @@ def train(
             f"val_data embeddings are {val_data.embed_dim}-d, config.embed_dim={config.embed_dim}"
         )
     stop_at = tc.max_steps if max_steps is None else min(int(max_steps), tc.max_steps)
-    device = resolve_device(tc.device)
+    device = resolve_device(tc.device, "train.device")
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # the launcher set LOCAL_RANK's device
     sampler = BatchSampler(len(train_data), tc.batch_size, rank, world)

@@ -14,8 +14,8 @@ import torch
 
 
 def main() -> None:
+    from locdiff.inference import load_predictor
     from locdiff.stages.embeddings import load_embeddings
-    from locdiff.stages.runs import load_predictor
     from locdiff.storage import Store
     from locdiff_core.metrics import (
         geolocation_metrics,

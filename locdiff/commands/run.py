@@ -248,12 +248,12 @@ def evaluate_command(
     device: str = typer.Option("auto", help="cpu | cuda | auto (CUDA when available): embedding and model."),
 ) -> None:
     """Evaluate a committed run on benchmarks present locally (absent ones are skipped with a note)."""
-    from locdiff.commands.predict import resolve_device
     from locdiff.flows.evaluate_latest import evaluate_latest
     from locdiff.stages import aliases
     from locdiff.storage import Store
+    from locdiff_core.device import resolve_device
 
-    resolve_device(device)  # an unknown device, or CUDA without one: a one-line error now
+    resolve_device(device, "--device")  # an unknown device, or CUDA without one: a one-line error now
     store = Store.from_uri(storage)
     run = aliases.resolve_run(store, run) if run else aliases.default_run(store)  # one-line errors here
     out = _run_flow_in_process(
@@ -307,6 +307,7 @@ def predict_command(
     summary is printed. Unreadable images become rows with an error; they never stop the batch.
     """
     from locdiff.commands import predict as pr
+    from locdiff.inference import Timings, as_result, load_model, predict_batches
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be >= 1", "e.g. --batch-size 32")
@@ -317,7 +318,7 @@ def predict_command(
     is_file = bool(checkpoint) and Path(checkpoint).is_file()
     if checkpoint and not is_file and "/" not in checkpoint:
         raise UserError(f"--checkpoint {checkpoint!r} is neither a file nor a run key", "e.g. runs/NAME/HASH")
-    m = pr.load_model(
+    m = load_model(
         model or (None if is_file else checkpoint),
         storage,
         encoder,
@@ -328,20 +329,20 @@ def predict_command(
     if samples:
         m.predictor.config = m.predictor.config.replace(infer={"num_samples": int(samples)})
     writer = pr.RowWriter(out, m.columns) if out else None
-    timings = pr.Timings()
+    timings = Timings()
     kept: list[dict] = []  # for --map (capped)
     bar = _progress_bar(progress and writer is not None)
     try:
         with bar:
             task = bar.add_task("predict", total=None)
-            for rows in pr.predict_batches(items, m, batch_size=batch_size, seed=seed, timings=timings):
+            for rows in predict_batches(items, m, batch_size=batch_size, seed=seed, timings=timings):
                 if writer is not None:
                     writer.write(rows)
                 else:
                     for r in rows:
                         _print_row(r, top_k)
                 if map_png and len(kept) < 500:
-                    kept.extend(pr.as_result(r) for r in rows[: 500 - len(kept)])
+                    kept.extend(as_result(r) for r in rows[: 500 - len(kept)])
                 bar.update(task, advance=len(rows))
     except BaseException:
         if writer is not None:

@@ -116,7 +116,7 @@ class Batcher:
     def _infer(self, tensors: list) -> list[dict]:
         import torch
 
-        from locdiff.commands.predict import flatten_predictions, predict_rows
+        from locdiff.inference import flatten_predictions, predict_rows
 
         with torch.inference_mode():
             emb = self.model.encoder(torch.stack(tensors)).cpu().numpy()
@@ -140,14 +140,14 @@ def to_json(row: dict) -> dict:
 
 
 def create_app(model, cfg: ServeConfig | None = None):
-    """The FastAPI app serving ``model`` (a ``locdiff.commands.predict.Model``)."""
+    """The FastAPI app serving ``model`` (a ``locdiff.inference.Model``)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, HTTPException, Request
 
-    from locdiff.commands.predict import image_tensor
     from locdiff.commands.serve_limits import RETRY_AFTER_S, Admission, request_pixels
     from locdiff.datasets.images import ImageError
+    from locdiff.inference import image_tensor
 
     cfg = cfg or ServeConfig()
     admission = Admission(cfg.max_inflight, cfg.max_inflight_bytes)
@@ -338,7 +338,7 @@ def serve_command(
     and GET / (a page to drop photos on, with the answers on a map)."""
     import uvicorn
 
-    from locdiff.commands.predict import load_model
+    from locdiff.inference import load_model
 
     if max_batch < 1 or max_wait_ms < 0 or max_bytes < 1 or max_pixels < 1:
         raise UserError("--max-batch, --max-bytes and --max-pixels must be >= 1, --max-wait-ms >= 0")

@@ -20,8 +20,8 @@ def evaluate_latest(
     a note in the report. device: auto (CUDA when available) | cuda | cpu, for embedding the
     benchmarks and for the predictor."""
     from locdiff.errors import UserError
+    from locdiff.inference import run_encoder
     from locdiff.stages import aliases
-    from locdiff.stages.runs import run_encoder
     from locdiff.storage import Store
 
     store = Store.from_uri(storage)

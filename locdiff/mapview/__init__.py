@@ -94,7 +94,7 @@ def thumbnail_uri(path: str, px: int = THUMB_PX) -> str | None:
     """A small JPEG data URI of an image file (None when it cannot be read)."""
     from PIL import Image
 
-    from locdiff.commands.predict import read_source
+    from locdiff.inference import read_source
 
     try:
         with Image.open(io.BytesIO(read_source(path))) as im:
@@ -109,7 +109,7 @@ def thumbnail_uri(path: str, px: int = THUMB_PX) -> str | None:
 
 
 def prediction_items(results: Iterable[Mapping], thumbnails: bool = True) -> list[dict]:
-    """Items of ``locdiff.commands.predict.as_result`` dicts (rows without a prediction are left out)."""
+    """Items of ``locdiff.inference.as_result`` dicts (rows without a prediction are left out)."""
     items = []
     for r in results:
         if r.get("error") is not None or _num(r.get("lat")) is None or _num(r.get("lon")) is None:

@@ -5,8 +5,9 @@ run's decoder searches and, when given, the retrieval index) with ``predictions.
 method and image: true and predicted lat/lon, distance, score, top-k modes with their mass, LocDiff's
 50 %/90 % credible radii) and ``metrics.parquet`` (one row per method: accuracy at 1/25/200/750/2500 km,
 median/mean km, GeoScore, n; LocDiff's row adds the coverage of its credible radii as predicted (with
-the scales the run fitted on its ``val`` split when it was trained, see ``load_predictor``), raw
-(``_raw``) and refitted on ``val`` here (``_cal``)); the manifest carries the metrics too.
+the scales the run fitted on its ``val`` split when it was trained, see
+``locdiff.inference.load_predictor``), raw (``_raw``) and refitted on ``val`` here (``_cal``)); the
+manifest carries the metrics too.
 
 Methods side by side: ``locdiff``; with a retrieval index ``locdiff-h`` (LocDiff-H) and ``retrieval-1nn``
 (the nearest gallery image's location); the baselines (default ``most-common-region``).
@@ -60,14 +61,14 @@ def _fit_baseline(kind: str, store, train_emb_key: str, train_config):
     ``train.baseline_steps`` with the rest of its training section."""
     import dataclasses
 
-    from locdiff.stages.runs import load_geo
+    from locdiff.stages.embeddings import open_embeddings
     from locdiff_core.baselines import train_baseline
 
     steps = train_config.baseline_steps
     tc = dataclasses.replace(
         train_config, max_steps=steps, warmup_steps=min(train_config.warmup_steps, steps // 10), log_every=0
     )
-    return train_baseline(_BASELINE_KINDS[kind], load_geo(store, train_emb_key, "train"), tc)
+    return train_baseline(_BASELINE_KINDS[kind], open_embeddings(store, train_emb_key, "train"), tc)
 
 
 def _baseline_predictions(model, emb: np.ndarray) -> dict[str, np.ndarray]:
@@ -109,8 +110,8 @@ def evaluate_run(
     ``retrieval_key``: a retrieval index (``locdiff.stages.retrieval``) built from the run's training
     split: adds the ``locdiff-h`` and ``retrieval-1nn`` methods. ``device``: where the predictor runs
     (None or "auto": CUDA when available); not part of the key."""
+    from locdiff.inference import load_predictor, predict_embeddings
     from locdiff.stages.embeddings import iter_embeddings
-    from locdiff.stages.runs import load_predictor, predict_embeddings
 
     unknown = sorted(set(baselines) - set(_BASELINE_KINDS))
     if unknown:
@@ -132,7 +133,7 @@ def evaluate_run(
 
         from locdiff.stages.retrieval import load_index
 
-        predictor = load_predictor(store, run_key, None if device == "auto" else device)
+        predictor = load_predictor(store, run_key, device)
         index = load_index(store, retrieval_key) if retrieval_key else None
         train_emb_key = run_man.get("embeddings") or embeddings_key
         fitted = {
@@ -182,8 +183,8 @@ def _val_calibration(store: Store, predictor, train_emb_key: str, seed: int) -> 
     on, ``fit_mass_calibration`` of the first mode's raw mass against the truth lying in its basin."""
     import torch
 
+    from locdiff.inference import predict_embeddings
     from locdiff.stages.embeddings import iter_embeddings
-    from locdiff.stages.runs import predict_embeddings
     from locdiff_core.metrics import fit_mass_calibration, in_first_basin
     from locdiff_core.sphere import haversine_km
 

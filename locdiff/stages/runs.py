@@ -24,13 +24,13 @@ from contextlib import nullcontext
 import numpy as np
 
 from locdiff.errors import UserError
+from locdiff.inference import MODEL_FILE
 from locdiff.stages import stage_key
 from locdiff.storage import Key, Lease, Store
 from locdiff_core.config import LocDiffConfig
 
 STAGE = "runs"
 CHECKPOINT_DIR = "checkpoints"
-MODEL_FILE = "model.pt"
 
 
 def checkpoint_relpath(step: int) -> str:
@@ -99,146 +99,6 @@ def anchor_pools(store: Store, anchors: dict[str, str], train_data):
     else:
         dlat, dlon = train_data.lat_deg, train_data.lon_deg
     return AnchorPools(ulat, ulon, dlat, dlon)
-
-
-def load_checkpoint(store: Store, run_key: str, relpath: str = MODEL_FILE) -> dict:
-    """A checkpoint of a run, loaded safely (``weights_only``); a bad file is a one-line error."""
-    from locdiff_core.checkpoint import CheckpointError, from_bytes
-
-    with store.open(run_key, relpath) as f:
-        data = f.read()
-    try:
-        return from_bytes(data, source=f"artifact {run_key}, file {relpath}")
-    except CheckpointError as exc:
-        raise UserError(str(exc), "delete the artifact and retrain, or restore it from a backup") from None
-
-
-def load_predictor(store: Store, run_key: str, device: str | None = None, calibrated: bool = True):
-    """A ``Predictor`` from the run's EMA weights, decoding on the run's own anchor set.
-
-    ``calibrated``: the credible radii use the scales the run fitted on its ``val`` split when it was
-    trained (manifest ``radius_calibration``), unless the run's config sets its own
-    ``infer.radius50_scale``/``radius90_scale`` (anything but 1); likewise the mode masses go through
-    the map fitted there (``mass_calibration``) unless the config sets one. ``predict``, ``serve`` and
-    evaluation all load runs through here."""
-    man = store.manifest(run_key)
-    anchors = (man.get("anchors") or {}).get("uniform")
-    predictor = _predictor(store, load_checkpoint(store, run_key), anchors, device)
-    calib = man.get("radius_calibration") or {}
-    inf = predictor.config.infer
-    fitted: dict = {}
-    if calibrated and calib and (inf.radius50_scale, inf.radius90_scale) == (1.0, 1.0):
-        fitted.update({k: float(calib[k]) for k in ("radius50_scale", "radius90_scale")})
-    if calibrated and calib.get("mass_calibration") and not inf.mass_calibration:
-        fitted["mass_calibration"] = calib["mass_calibration"]
-    if fitted:
-        predictor.config = predictor.config.replace(infer=fitted)
-    return predictor
-
-
-def _predictor(store: Store, ckpt: dict, anchors_key: str | None, device: str | None = None):
-    from locdiff.stages.anchors import anchor_grid
-    from locdiff_core.sampling import Predictor
-
-    predictor = Predictor.from_checkpoint(ckpt, device=device)
-    if anchors_key:
-        predictor.anchors = anchor_grid(store, anchors_key, predictor.config.max_degree)
-    return predictor
-
-
-def predict_embeddings(
-    predictor, emb: np.ndarray, seed: int = 0, progress=None, retrieval=None, generator=None
-) -> dict[str, np.ndarray]:
-    """Predict image embeddings ``[N, E]`` in chunks of ``infer.batch_size``: per image the point
-    estimate (``pred_lat``, ``pred_lon``, ``score``), the top-k modes (``modes_lat``/``_lon``/``_mass``
-    ``[N, k]``) of the predicted distribution and its 50 %/90 % credible radii (``radius50_km``,
-    ``radius90_km``: quantiles of the K samples' distances to the point estimate, times
-    ``infer.radius50_scale``/``radius90_scale``, the 90 % one at least the 50 % one). With a
-    ``retrieval`` index (``locdiff.stages.retrieval.RetrievalIndex``) also LocDiff-H (``hybrid_lat``,
-    ``hybrid_lon``, ``hybrid_from_gallery``) and the nearest gallery image (``nn_lat``, ``nn_lon``,
-    ``nn_sim``). Evaluation, ``locdiff predict`` and serving all use this. ``generator`` (instead of
-    ``seed``) carries the random state across calls, so consecutive blocks of whole batches draw what
-    one call would."""
-    import torch
-
-    inf = predictor.config.infer
-    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
-    chunk = max(1, inf.batch_size)
-    outs = []
-    emb_t = torch.from_numpy(np.ascontiguousarray(emb))
-    for i in range(0, len(emb), chunk):
-        outs.append(predictor.predict(emb_t[i : i + chunk], generator=gen, with_samples=True))
-        if progress:
-            progress(min(i + chunk, len(emb)), len(emb))
-    cat = lambda name: torch.cat([getattr(o.decoded, name).detach().cpu() for o in outs]).numpy()  # noqa: E731
-    radii = torch.cat([o.radii_km((0.5, 0.9), (inf.radius50_scale, inf.radius90_scale)) for o in outs])
-    radii[:, 1] = torch.maximum(radii[:, 1], radii[:, 0])  # scaled apart, the 90 % one still holds the 50 %
-    out = {
-        "pred_lat": cat("lat_deg"),
-        "pred_lon": cat("lon_deg"),
-        "score": cat("score"),
-        "modes_lat": cat("modes_lat_deg"),
-        "modes_lon": cat("modes_lon_deg"),
-        "modes_mass": cat("modes_mass"),  # the decoder's masses, through the run's val fit if it has one
-        "radius50_km": radii[:, 0].numpy(),
-        "radius90_km": radii[:, 1].numpy(),
-    }
-    if inf.mass_calibration:
-        from locdiff_core.metrics import apply_mass_calibration
-
-        out["modes_mass"] = apply_mass_calibration(out["modes_mass"], inf.mass_calibration)
-    if retrieval is not None:
-        from locdiff_core.hybrid import hybrid_from_neighbours
-
-        sim, idx = retrieval.search(emb, inf.hybrid_candidates)  # [N, C], best first
-        nb_lat, nb_lon = retrieval.lat_deg[idx], retrieval.lon_deg[idx]  # [N, C]
-        m = inf.hybrid_modes
-        h = hybrid_from_neighbours(
-            torch.from_numpy(out["pred_lat"]).double(),
-            torch.from_numpy(out["pred_lon"]).double(),
-            torch.from_numpy(out["modes_lat"][:, :m]).double(),
-            torch.from_numpy(out["modes_lon"][:, :m]).double(),
-            sim,
-            nb_lat,
-            nb_lon,
-            radius_km=inf.hybrid_radius_km,
-            rule=inf.hybrid_rule,
-        )
-        if inf.hybrid_scorer == "geoclip":
-            h = _geoclip_hybrid(predictor, emb_t, out, m, inf.hybrid_radius_km)
-        out.update(
-            hybrid_lat=h.lat_deg.numpy(),
-            hybrid_lon=h.lon_deg.numpy(),
-            hybrid_from_gallery=h.from_gallery.numpy(),
-            nn_lat=nb_lat[:, 0].numpy(),
-            nn_lon=nb_lon[:, 0].numpy(),
-            nn_sim=sim[:, 0].double().numpy(),
-        )
-    return out
-
-
-def _geoclip_hybrid(predictor, emb_t, out: dict, n_modes: int, radius_km: float):
-    """LocDiff-H scored by GeoCLIP (its image head + location encoder over its 100 K gallery)."""
-    import torch
-
-    from locdiff.geoclip_scorer import GEOCLIP_IMAGE_DIM, GeoCLIPScorer
-    from locdiff_core.hybrid import hybrid_modes_with_scorer
-
-    if predictor.embed_dim != GEOCLIP_IMAGE_DIM:
-        raise UserError(
-            f"infer.hybrid_scorer='geoclip' needs CLIP ViT-L/14 features (768-d); this run takes "
-            f"{predictor.embed_dim}-d embeddings",
-            "use infer.hybrid_scorer='similarity' (the run's own training gallery)",
-        )
-    return hybrid_modes_with_scorer(
-        emb_t.float(),
-        torch.from_numpy(out["pred_lat"]).double(),
-        torch.from_numpy(out["pred_lon"]).double(),
-        torch.from_numpy(out["modes_lat"][:, :n_modes]).double(),
-        torch.from_numpy(out["modes_lon"][:, :n_modes]).double(),
-        GeoCLIPScorer(),
-        radius_km=radius_km,
-    )
 
 
 def _latest_part(store: Store, writer, key: str, max_steps: int, every: int) -> tuple[int, dict] | None:
@@ -403,9 +263,10 @@ def train_run(
                 return key
             calibration = None
             if val_data is not None:  # the radius scales travel with the run (load_predictor uses them)
+                from locdiff.inference import checkpoint_predictor
                 from locdiff.stages.evals import _val_calibration
 
-                predictor = _predictor(store, result.checkpoint, anchors.get("uniform"))
+                predictor = checkpoint_predictor(store, result.checkpoint, anchors.get("uniform"))
                 calibration = _val_calibration(store, predictor, embeddings_key, seed=0)
                 if calibration:
                     log.info(
@@ -569,9 +430,9 @@ def _data_device(config: LocDiffConfig, data, on_device: bool | None) -> str | N
     device and they take at most half of its free memory; else None (memory-mapped on the host)."""
     import torch
 
-    from locdiff_core.train import resolve_device
+    from locdiff_core.device import resolve_device
 
-    device = resolve_device(config.train.device)
+    device = resolve_device(config.train.device, "train.device")
     if on_device is False or device.type != "cuda":
         if on_device:
             raise UserError("data_on_device=True needs train.device on CUDA", "set train.device='cuda'")
@@ -597,16 +458,3 @@ def curves_table(curves: dict):
                     )
     schema = pa.schema([("step", pa.int64()), ("metric", pa.string()), ("value", pa.float64())])
     return pa.Table.from_pylist(rows, schema=schema)
-
-
-def run_encoder(store: Store, run_key: str) -> str:
-    """The encoder spec of the embeddings the run was trained on."""
-    from locdiff.encoders import encoder_spec
-
-    emb_key = store.manifest(run_key).get("embeddings")
-    if not emb_key:
-        raise UserError(f"{run_key}: the run's manifest does not name its embeddings", "retrain it")
-    enc = encoder_spec(store.manifest(emb_key))
-    if not enc:
-        raise UserError(f"{emb_key}: the embeddings manifest does not name its encoder", "re-embed")
-    return enc

@@ -15,7 +15,6 @@ pytestmark = pytest.mark.slow
 
 
 def test_predict_images_hybrid_prints_radii_and_locdiff_h(tmp_path, monkeypatch):
-    from locdiff.commands.predict import predict_images
     from locdiff.datasets.bluemarble import build_bluemarble, crop_tile, encode_jpeg, load_bluemarble
     from locdiff.stages.embeddings import embed_dataset
     from locdiff.stages.runs import resolve_config, train_run
@@ -33,11 +32,11 @@ def test_predict_images_hybrid_prints_radii_and_locdiff_h(tmp_path, monkeypatch)
     img = tmp_path / "tile.jpg"
     img.write_bytes(encode_jpeg(crop_tile(load_bluemarble(), 45.0, 7.0, 4.0, 64)))
 
-    (r,) = predict_images([str(img)], storage=storage, hybrid=True)
+    (r,) = _predict(img, storage, hybrid=True)
     assert 0 <= r["radius50_km"] <= r["radius90_km"]
     assert -90 <= r["hybrid_lat"] <= 90 and -180 <= r["hybrid_lon"] <= 180
     assert len(store.list("retrieval")) == 1  # the run's gallery index, built once
-    (plain,) = predict_images([str(img)], storage=storage)
+    (plain,) = _predict(img, storage)
     assert "hybrid_lat" not in plain and plain["radius90_km"] == r["radius90_km"]
 
     env = {**os.environ, "LOCDIFF_STORAGE": storage, "HF_HUB_OFFLINE": "1"}
@@ -45,3 +44,10 @@ def test_predict_images_hybrid_prints_radii_and_locdiff_h(tmp_path, monkeypatch)
     out = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300, check=True).stdout
     assert "credible radii: 50 % within" in out and "LocDiff-H:" in out
     assert len(store.list("retrieval")) == 1  # reused
+
+
+def _predict(img, storage: str, hybrid: bool = False) -> list[dict]:
+    from locdiff.inference import Item, as_result, load_model, predict_batches
+
+    model = load_model(None, storage, hybrid=hybrid)
+    return [as_result(r) for rows in predict_batches([Item(img.name, str(img))], model) for r in rows]

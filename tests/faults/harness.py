@@ -87,7 +87,7 @@ def run_pipeline(store_uri: str, env: dict, fault: str | None = None, timeout: f
 
 def outcome(store_uri: str) -> dict:
     """What a finished pipeline left: committed keys, the report's metrics, the run's weights."""
-    from locdiff.stages.runs import load_checkpoint
+    from locdiff.inference import load_checkpoint
     from locdiff.storage import Store
 
     store = Store.from_uri(store_uri)

@@ -12,10 +12,10 @@ import torch
 import yaml
 
 from locdiff.ddp import NPROC_ENV, resolve_nproc
-from locdiff.encoders import _resolve_device
 from locdiff.flows.evaluate_latest import evaluate_latest
 from locdiff.flows.pipeline import BENCHMARKS
 from locdiff.flows.train_mp16 import train_mp16
+from locdiff_core.device import resolve_device
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,7 +51,7 @@ def test_prefect_yaml_deploys_the_flows_defaults():
 def test_device_and_nproc_auto_on_this_machine(monkeypatch):
     monkeypatch.delenv(NPROC_ENV, raising=False)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    assert _resolve_device("auto").type == ("cuda" if gpus else "cpu")
+    assert resolve_device("auto").type == ("cuda" if gpus else "cpu")
     assert resolve_nproc(None, "auto") == (gpus or 1)
     assert resolve_nproc(None, "cpu") == 1
     monkeypatch.setenv(NPROC_ENV, "2")  # the GPU work pools' job variable still sets it

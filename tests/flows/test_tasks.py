@@ -57,11 +57,11 @@ def test_bad_override_is_a_user_error():
 
 
 def test_evaluate_and_report(store_uri, embeddings_key, run_key, monkeypatch):
+    from locdiff import inference
     from locdiff.catalog import connect
-    from locdiff.stages import runs
 
-    devices, load = [], runs.load_predictor
-    monkeypatch.setattr(runs, "load_predictor", lambda *a, **k: devices.append(a[2]) or load(*a, **k))
+    devices, load = [], inference.load_predictor
+    monkeypatch.setattr(inference, "load_predictor", lambda *a, **k: devices.append(a[2]) or load(*a, **k))
     eval_key = evaluate_task.fn(
         store_uri, run_key, embeddings_key, "test", "synthetic", ["most-common-region"], None, "cpu"
     )

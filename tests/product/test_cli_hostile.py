@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from locdiff.stages.runs import load_checkpoint
+from locdiff.inference import load_checkpoint
 from locdiff.storage import Store
 from locdiff_core.checkpoint import to_bytes
 from tests.product.conftest import cli, write_image

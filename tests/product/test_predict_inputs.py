@@ -52,7 +52,7 @@ def test_a_dripping_server_cannot_hold_a_download():
     import threading
     import time
 
-    from locdiff.commands.predict import read_source
+    from locdiff.inference import read_source
 
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))

@@ -11,12 +11,12 @@ import torch
 
 from locdiff.ddp import resolve_nproc, torchrun_command
 from locdiff.errors import UserError
+from locdiff.inference import load_checkpoint
 from locdiff.stages import stage_key
 from locdiff.stages.embeddings import synth_embeddings
 from locdiff.stages.runs import (
     KILL_ENV,
     checkpoint_relpath,
-    load_checkpoint,
     load_geo,
     run_key,
     train_run,
