@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -17,6 +17,31 @@ datasets_app = typer.Typer(
 )
 
 _STORAGE_HELP = "storage root URI (default: $LOCDIFF_STORAGE or <project>/data/store)"
+
+# options shared by `prepare` and `download` (the image download settings: DownloadOptions)
+Storage = Annotated[str, typer.Option("--storage", help=_STORAGE_HELP)]
+Limit = Annotated[int, typer.Option("--limit", min=1, help="only the first N rows")]
+ShardSize = Annotated[int, typer.Option("--shard-size", min=1)]
+Workers = Annotated[int, typer.Option("--workers", min=1, help="downloads in flight (over all shards)")]
+ImageSize = Annotated[
+    int, typer.Option("--image-size", min=16, help="downloads: shortest side after resize (aspect kept)")
+]
+KeepOriginal = Annotated[bool, typer.Option("--keep-original", help="downloads: store images as fetched")]
+Processes = Annotated[
+    int, typer.Option("--processes", min=-1, help="downloads: decode/resize processes (-1: CPUs)")
+]
+PerHost = Annotated[int, typer.Option("--per-host", min=1, help="downloads: requests in flight to one host")]
+Timeout = Annotated[float, typer.Option("--timeout", min=0.1, help="downloads: connect/read timeout (s)")]
+DnsCache = Annotated[int, typer.Option("--dns-cache", min=0, help="downloads: seconds to cache DNS answers")]
+MaxSkipShare = Annotated[
+    float,
+    typer.Option(
+        "--max-skip-share",
+        min=0.0,
+        max=1.0,
+        help="refuse to commit when more than this share of rows is left out (1.0 accepts any)",
+    ),
+]
 
 
 def _store(storage: str | None):
@@ -67,38 +92,25 @@ def prepare(
     archive: Path = typer.Option(None, "--archive", help="a tar/zip of the images (extracted safely)"),
     fix_swapped: bool = typer.Option(False, "--fix-swapped", help="swap LAT/LON when the header is reversed"),
     split: str = typer.Option(None, "--split", help="split for rows without a split column"),
-    shard_size: int = typer.Option(1000, "--shard-size", min=1),
-    workers: int = typer.Option(256, "--workers", min=1, help="downloads in flight (over all shards)"),
-    limit: int = typer.Option(None, "--limit", min=1, help="only the first N rows"),
+    shard_size: ShardSize = 1000,
+    workers: Workers = 256,
+    limit: Limit = None,
     n: int = typer.Option(None, "--n", min=1, help="bluemarble: number of tiles"),
     seed: int = typer.Option(0, "--seed", help="bluemarble: random seed"),
-    storage: str = typer.Option(None, "--storage", help=_STORAGE_HELP),
+    storage: Storage = None,
     allow_outside_root: bool = typer.Option(
         False, "--allow-outside-root", help="read absolute paths, file:// URLs, paths outside --images-root"
     ),
     allow_protocol: list[str] = typer.Option(
         None, "--allow-protocol", help="fetch image URLs of this fsspec protocol too (besides http, https)"
     ),
-    max_skip_share: float = typer.Option(
-        0.5,
-        "--max-skip-share",
-        min=0.0,
-        max=1.0,
-        help="refuse to commit when more than this share of rows is left out (1.0 accepts any)",
-    ),
-    image_size: int = typer.Option(
-        224,
-        "--image-size",
-        min=16,
-        help="downloads: shortest side after resize (aspect kept, never enlarged)",
-    ),
-    keep_original: bool = typer.Option(False, "--keep-original", help="downloads: store images as fetched"),
-    processes: int = typer.Option(
-        -1, "--processes", min=-1, help="downloads: decode/resize processes (-1: CPUs)"
-    ),
-    per_host: int = typer.Option(128, "--per-host", min=1, help="downloads: requests in flight to one host"),
-    timeout: float = typer.Option(20.0, "--timeout", min=0.1, help="downloads: connect/read timeout (s)"),
-    dns_cache: int = typer.Option(600, "--dns-cache", min=0, help="downloads: seconds to cache DNS answers"),
+    max_skip_share: MaxSkipShare = 0.5,
+    image_size: ImageSize = 224,
+    keep_original: KeepOriginal = False,
+    processes: Processes = -1,
+    per_host: PerHost = 128,
+    timeout: Timeout = 20.0,
+    dns_cache: DnsCache = 600,
     force: bool = typer.Option(
         False, "--force", help="rebuild even when this dataset is committed (under a new key)"
     ),
@@ -117,14 +129,12 @@ def prepare(
     store = _store(storage)
     spec = REGISTRY.get(name.lower())
     if spec is not None and spec.kind == "embedded":
-        try:
-            mod = importlib.import_module("locdiff.datasets.bluemarble")
-        except ModuleNotFoundError as exc:
-            raise UserError("the bluemarble builder is not installed in this checkout") from exc
+        from locdiff.datasets.bluemarble import build_bluemarble
+
         kwargs = {"seed": seed}
         if n is not None:
             kwargs["n"] = n
-        key = mod.build_bluemarble(store, **kwargs)
+        key = build_bluemarble(store, **kwargs)
         print(key)
         return
     download = _download_options(workers, image_size, keep_original, processes, per_host, timeout, dns_cache)
@@ -190,19 +200,17 @@ def download(
         "--downloads",
         help="where the lists/archives go (default: $LOCDIFF_DOWNLOADS or data/downloads)",
     ),
-    limit: int = typer.Option(None, "--limit", min=1, help="only the first N rows"),
-    shard_size: int = typer.Option(1000, "--shard-size", min=1),
-    workers: int = typer.Option(256, "--workers", min=1, help="downloads in flight (over all shards)"),
-    image_size: int = typer.Option(224, "--image-size", min=16, help="shortest side after resize"),
-    keep_original: bool = typer.Option(False, "--keep-original", help="store images as fetched"),
-    processes: int = typer.Option(-1, "--processes", min=-1, help="decode/resize processes (-1: CPUs)"),
-    per_host: int = typer.Option(128, "--per-host", min=1, help="requests in flight to one host"),
-    timeout: float = typer.Option(20.0, "--timeout", min=0.1, help="connect/read timeout (s)"),
-    dns_cache: int = typer.Option(600, "--dns-cache", min=0, help="seconds to cache DNS answers"),
-    max_skip_share: float = typer.Option(
-        1.0, "--max-skip-share", min=0.0, max=1.0, help="refuse to commit above this share left out"
-    ),
-    storage: str = typer.Option(None, "--storage", help=_STORAGE_HELP),
+    limit: Limit = None,
+    shard_size: ShardSize = 1000,
+    workers: Workers = 256,
+    image_size: ImageSize = 224,
+    keep_original: KeepOriginal = False,
+    processes: Processes = -1,
+    per_host: PerHost = 128,
+    timeout: Timeout = 20.0,
+    dns_cache: DnsCache = 600,
+    max_skip_share: MaxSkipShare = 1.0,
+    storage: Storage = None,
 ) -> None:
     """Download an official dataset from its published lists (joined with the coordinates) into the
     store; prints its key. A re-run resumes, and fetches again only what failed transiently."""

@@ -12,6 +12,8 @@ Other fsspec URLs (``s3://…``, ``file://…``) are read through fsspec with th
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import lzma
 import os
@@ -317,58 +319,60 @@ def _extract(archive, target, max_member_bytes: int, max_total_bytes: int, max_m
         if count > max_members:
             raise UnsafeArchiveError(f"{archive}: more than {max_members} members")
 
+    with _members(archive) as members:
+        total = 0
+        for count, (name, size, kind, _) in enumerate(members, 1):
+            _check_member_name(name, archive)
+            if kind != "file" and kind != "dir":
+                raise UnsafeArchiveError(
+                    f"{archive}: member {name!r} is a {kind}",
+                    "links and special files are refused: they can point outside the target folder",
+                )
+            total += size
+            too_big(name, size, total, count)
+        for name, size, kind, open_member in members:  # every member checked before anything is written
+            dest = target / _check_member_name(name, archive)
+            if kind == "dir":
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open_member() as src, open(dest, "wb") as dst:
+                # the declared size may lie (zip bombs): copy at most one byte beyond it
+                _copy_capped(src, dst, size, f"{archive}: {name}")
+            out.append(str(dest))
+    return out
+
+
+@contextlib.contextmanager
+def _members(archive: str):
+    """The members of a zip or tar archive as (name, declared size, kind, opener); kind is "file",
+    "dir", "symbolic link (to …)", "hard link (to …)" or "device/fifo/special file"."""
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-            total = 0
-            for count, info in enumerate(infos, 1):
-                _check_member_name(info.filename, archive)
-                mode = info.external_attr >> 16
-                if stat.S_ISLNK(mode):
-                    raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a symbolic link")
-                total += info.file_size
-                too_big(info.filename, info.file_size, total, count)
-            for info in infos:
-                dest = target / _check_member_name(info.filename, archive)
-                if info.is_dir():
-                    dest.mkdir(parents=True, exist_ok=True)
-                    continue
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(dest, "wb") as dst:
-                    # the declared size may lie (zip bombs): copy at most one byte beyond it
-                    _copy_capped(src, dst, info.file_size, f"{archive}: {info.filename}")
-                out.append(str(dest))
-        return out
+            yield [
+                (
+                    i.filename,
+                    i.file_size,
+                    "symbolic link"
+                    if stat.S_ISLNK(i.external_attr >> 16)
+                    else ("dir" if i.is_dir() else "file"),
+                    functools.partial(zf.open, i),
+                )
+                for i in zf.infolist()
+            ]
+        return
     try:
         tf = tarfile.open(archive, "r:*")
     except tarfile.TarError as exc:
         raise UnsafeArchiveError(f"{archive}: not a tar or zip archive ({exc})") from exc
+
+    def kind(m: tarfile.TarInfo) -> str:
+        if m.issym() or m.islnk():
+            return f"{'symbolic' if m.issym() else 'hard'} link (to {m.linkname!r})"
+        return "dir" if m.isdir() else "file" if m.isfile() else "device/fifo/special file"
+
     with tf:
-        members = tf.getmembers()
-        total = 0
-        for count, m in enumerate(members, 1):
-            _check_member_name(m.name, archive)
-            if m.issym() or m.islnk():
-                raise UnsafeArchiveError(
-                    f"{archive}: member {m.name!r} is a {'symbolic' if m.issym() else 'hard'} link "
-                    f"(to {m.linkname!r})",
-                    "links are refused: they can point outside the target folder",
-                )
-            if not (m.isfile() or m.isdir()):
-                raise UnsafeArchiveError(f"{archive}: member {m.name!r} is a device/fifo/special file")
-            total += m.size
-            too_big(m.name, m.size, total, count)
-        for m in members:
-            dest = target / _check_member_name(m.name, archive)
-            if m.isdir():
-                dest.mkdir(parents=True, exist_ok=True)
-                continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            src = tf.extractfile(m)
-            with src, open(dest, "wb") as dst:
-                _copy_capped(src, dst, m.size, f"{archive}: {m.name}")
-            out.append(str(dest))
-    return out
+        yield [(m.name, m.size, kind(m), functools.partial(tf.extractfile, m)) for m in tf.getmembers()]
 
 
 def _copy_capped(src, dst, limit: int, label: str) -> int:
