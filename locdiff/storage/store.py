@@ -151,15 +151,11 @@ class Store:
         try:
             with self.fs.open(path, "rb") as f:
                 raw = f.read()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-            err = environment_error(exc, self.url)  # a missing bucket is not a missing artifact
-            if err is not None:
-                raise err from None
-            return None
         except Exception as exc:
-            err = environment_error(exc, self.url)
-            if err is not None:
+            if (err := environment_error(exc, self.url)) is not None:  # a missing bucket, not a missing key
                 raise err from None
+            if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError):
+                return None
             raise
         try:
             man = json.loads(raw)
@@ -230,12 +226,11 @@ class Store:
         away from where it is gets the whole file hashed first (once per file and store object).
         ``verify=False`` opens the file unchecked.
         """
-        if "r" not in mode or any(c in mode for c in "wax+"):
-            raise ValueError(f"Store.open is read-only (mode 'rb' or 'r'), got {mode!r}; use writer()")
-        entry = self._entry(key, relpath)
-        return self._open_entry(key, entry, mode, verify)
+        return self._open_entry(key, self._entry(key, relpath), mode, verify)
 
     def _open_entry(self, key: str, entry: dict, mode: str = "rb", verify: bool = True):
+        if "r" not in mode or any(c in mode for c in "wax+"):
+            raise ValueError(f"committed files are read-only (mode 'rb' or 'r'), got {mode!r}; use a writer")
         path = self._p(key, entry["path"])
         if not verify:
             return self.fs.open(path, mode)
@@ -249,11 +244,6 @@ class Store:
         with self.open(key, relpath, verify=verify) as f:
             return f.read()
 
-    def _read_buffer(self, key: str, relpath: str):
-        """All bytes of a committed file, checked, as a buffer (no copy beyond the read itself)."""
-        with self.open(key, relpath) as f:
-            return f.read_rest()
-
     def read_table(self, key: str, relpath: str, columns: list[str] | None = None, *, verify: bool = True):
         """Read a committed Parquet file as a ``pyarrow.Table``, checked against its sha256 (one pass)."""
         import pyarrow as pa
@@ -262,7 +252,9 @@ class Store:
         if not verify:
             with self.open(key, relpath, verify=False) as f:
                 return pq.read_table(f, columns=columns)
-        return pq.read_table(pa.BufferReader(pa.py_buffer(self._read_buffer(key, relpath))), columns=columns)
+        with self.open(key, relpath) as f:  # checked, into one buffer (no copy beyond the read itself)
+            buf = f.read_rest()
+        return pq.read_table(pa.BufferReader(pa.py_buffer(buf)), columns=columns)
 
     def verify(self, key: str) -> list[str]:
         """Re-hash every file of a committed artifact; returns the relpaths whose checksum differs."""
@@ -282,15 +274,11 @@ class Store:
         self._refresh()
         try:
             paths = self.fs.find(base)
-        except FileNotFoundError as exc:
-            err = environment_error(exc, self.url)
-            if err is not None:
-                raise err from None
-            return []
         except Exception as exc:
-            err = environment_error(exc, self.url)
-            if err is not None:
+            if (err := environment_error(exc, self.url)) is not None:
                 raise err from None
+            if isinstance(exc, FileNotFoundError):
+                return []
             raise
         out = []
         for p in paths:

@@ -159,10 +159,9 @@ class ArtifactWriter:
         """Open a staging file of this attempt for writing (hashed as it is written)."""
         relpath = check_relpath(relpath)
         f = self.store.fs.open(self.store._p(self.key, self._attempt_rel(relpath)), mode)
+        self._written[relpath] = None  # until closed, and for good unless hashed as it is written
         if mode not in ("wb", "xb"):
-            self._written[relpath] = None
             return f
-        self._written[relpath] = None  # until closed
 
         def on_close(result, relpath=relpath) -> None:
             self._written[relpath] = result
@@ -233,8 +232,6 @@ class ArtifactWriter:
         relpath = check_relpath(relpath)
         if relpath not in self._parts:
             raise ValueError(f"{relpath!r} is not a finished part of {self.key}; check part_done() first")
-        if "r" not in mode or any(c in mode for c in "wax+"):
-            raise ValueError(f"open_part is read-only (mode 'rb' or 'r'), got {mode!r}")
         return self.store._open_entry(self.key, self._parts[relpath], mode)
 
     def commit_part(self, relpath: str, rows: int | None = None) -> dict:
