@@ -57,7 +57,7 @@ def main() -> None:
         store = Store.from_uri(args.storage or os.path.join(d, "store"))
         key = store.key("bench", "write", "1", {"mb": args.mb})
         t0 = time.perf_counter()
-        with store.writer(key) as w:
+        with store.writer(key, version="1", config={"mb": args.mb}) as w:
             for i in range(args.parts):
                 with w.open(f"part-{i}.bin") as f:
                     f.write(part)
@@ -67,7 +67,7 @@ def main() -> None:
                 w.commit_part(f"part-{i}.bin", rows=1)
         t_store = time.perf_counter() - t0
         tkey = store.key("bench", "table", "1", {"mb": args.mb})
-        with store.writer(tkey) as w:
+        with store.writer(tkey, version="1", config={"mb": args.mb}) as w:
             rows = args.mb * (1 << 20) // 8 // 4  # a Parquet part of a quarter of the volume
             w.write_table("table.parquet", pa.table({"x": np.random.default_rng(0).random(rows)}))
 

@@ -60,7 +60,7 @@ def main() -> None:
             sizes = {}
             for dtype in ("float32", "float16"):
                 key = store.key("bench", f"targets/L{L}/{dtype}", "1", {"L": L, "dtype": dtype}, [])
-                with store.writer(key) as w:
+                with store.writer(key, version="1", config={"L": L, "dtype": dtype}) as w:
                     write_codes(w, "codes.parquet", [str(i) for i in range(args.n)], codes, dtype)
                 sizes[dtype] = store.manifest(key)["bytes"] / 1e6
                 got = read_codes(store, key, "codes.parquet")[1]

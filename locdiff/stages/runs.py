@@ -25,7 +25,7 @@ import numpy as np
 
 from locdiff.errors import UserError
 from locdiff.inference import MODEL_FILE
-from locdiff.stages import stage_key
+from locdiff.stages import VERSIONS, stage_key
 from locdiff.storage import Key, Lease, Store
 from locdiff_core.config import LocDiffConfig
 
@@ -191,7 +191,11 @@ def train_run(
         data_device = _data_device(config, train_data, data_on_device)
 
         # rank 0 alone opens the writer (finds the checkpoint to resume from, writes, commits)
-        ctx = store.writer(key, config=cfg, upstream=upstream, resume=True) if rank == 0 else nullcontext()
+        ctx = (
+            store.writer(key, version=VERSIONS[STAGE], config=cfg, upstream=upstream)
+            if rank == 0
+            else nullcontext()
+        )
         with ctx as w:
             found = _latest_part(store, w, key, tc.max_steps, tc.checkpoint_every) if rank == 0 else None
             if world > 1:

@@ -41,7 +41,9 @@ def test_key_is_content_addressed(store):
 def test_commit_manifest_and_readback(store):
     key = store.key("datasets", "tiny", "1", {"n": 3})
     assert not store.exists(key)
-    with store.writer(key) as w:
+    with pytest.raises(ValueError, match="not the key of this version, config and upstream"):
+        store.writer(key, version="1", config={"n": 4})  # what the manifest records is what the key hashes
+    with store.writer(key, version="1", config={"n": 3}) as w:
         w.write_table("manifest.parquet", pa.table({"x": [1, 2, 3]}))
         with w.open("blob.bin") as f:
             f.write(b"hello")
@@ -67,7 +69,7 @@ def test_commit_manifest_and_readback(store):
 
 def test_failed_writer_leaves_nothing_visible(store):
     key = store.key("datasets", "broken", "1", {})
-    with pytest.raises(RuntimeError, match="boom"), store.writer(key) as w:
+    with pytest.raises(RuntimeError, match="boom"), store.writer(key, version="1", config={}) as w:
         w.write_bytes("a.bin", b"data")
         raise RuntimeError("boom")
     assert not store.exists(key) and store.list() == []
@@ -79,7 +81,7 @@ def test_failed_writer_leaves_nothing_visible(store):
 
 def test_bad_relpath_and_missing_file(store):
     key = store.key("datasets", "p", "1", {})
-    with store.writer(key) as w:
+    with store.writer(key, version="1", config={}) as w:
         for bad in ("../x", "/abs", "a/../b", "manifest.json", "_parts/x"):
             with pytest.raises(ValueError, match="relpath"):
                 w.path(bad)
@@ -92,21 +94,21 @@ def test_bad_relpath_and_missing_file(store):
 
 def test_resume_reuses_committed_parts(store):
     key = store.key("embeddings", "resume", "1", {})
-    with pytest.raises(KeyboardInterrupt), store.writer(key) as w:
+    with pytest.raises(KeyboardInterrupt), store.writer(key, version="1", config={}) as w:
         w.write_bytes("part-0.bin", b"zero")
         w.commit_part("part-0.bin", rows=4)
         w.write_bytes("part-1.bin", b"on")  # not committed: must be rewritten
         raise KeyboardInterrupt
     assert not store.exists(key)
-    with pytest.raises(KeyboardInterrupt), store.writer(key, resume=False) as w:
+    with pytest.raises(KeyboardInterrupt), store.writer(key, version="1", config={}, resume=False) as w:
         assert not w.part_done("part-0.bin")  # a fresh run ignores earlier parts
         raise KeyboardInterrupt
     # a new failed attempt, then a resumed one
-    with pytest.raises(KeyboardInterrupt), store.writer(key) as w:
+    with pytest.raises(KeyboardInterrupt), store.writer(key, version="1", config={}) as w:
         w.write_bytes("part-0.bin", b"zero")
         w.commit_part("part-0.bin", rows=4)
         raise KeyboardInterrupt
-    with store.writer(key) as w:
+    with store.writer(key, version="1", config={}) as w:
         assert w.part_done("part-0.bin") and not w.part_done("part-1.bin")
         with w.open_part("part-0.bin") as f:
             assert f.read() == b"zero"
@@ -125,7 +127,7 @@ def test_resume_reuses_committed_parts(store):
 
 def test_two_writers_of_one_key_do_not_corrupt_each_other(store):
     key = store.key("datasets", "race", "1", {})
-    w1, w2 = store.writer(key), store.writer(key)
+    w1, w2 = store.writer(key, version="1", config={}), store.writer(key, version="1", config={})
     with w1, w2:
         w1.write_bytes("data.bin", b"from writer one")
         w2.write_bytes("data.bin", b"from writer two, longer")
@@ -145,7 +147,7 @@ _KILLED_WRITER = textwrap.dedent(
     from locdiff.storage import Store
     store = Store.from_uri(sys.argv[1])
     key = store.key("embeddings", "killed", "1", {"n": 3})
-    with store.writer(key) as w:
+    with store.writer(key, version="1", config={"n": 3}) as w:
         for i in range(3):
             if w.part_done(f"part-{i}.bin"):
                 continue
@@ -207,12 +209,12 @@ def test_s3_store_roundtrip_without_leaking_secrets(s3_store, s3_server):
     store = s3_store
     assert s3_server.secret_key not in repr(store)
     key = store.key("datasets", "s3demo", "1", {"n": 2})
-    with pytest.raises(RuntimeError), store.writer(key) as w:
+    with pytest.raises(RuntimeError), store.writer(key, version="1", config={"n": 2}) as w:
         w.write_bytes("x.bin", b"x")
         w.commit_part("x.bin", rows=1)
         raise RuntimeError("crash")
     assert not store.exists(key)
-    with store.writer(key) as w:
+    with store.writer(key, version="1", config={"n": 2}) as w:
         assert w.part_done("x.bin")
         w.write_table("manifest.parquet", pa.table({"v": [1.5, 2.5]}))
     assert store.exists(key) and store.verify(key) == []

@@ -87,7 +87,7 @@ def test_undecodable_image_is_skipped_and_listed(tmp_path, encoder):
     images[2] = images[2][: len(images[2]) // 3]  # truncated JPEG
     images[3] = b"definitely not an image"
     key = store.key("datasets", "broken", "1", {"case": "corrupt"}, [])
-    with store.writer(key) as w:
+    with store.writer(key, version="1", config={"case": "corrupt"}) as w:
         recs = [
             ds.ImageRecord(r["image_id"], r["lat"], r["lon"], d, r["split"])
             for r, d in zip(rows, images, strict=True)

@@ -24,7 +24,7 @@ def store(tmp_path):
 
 def _eval_artifact(store, run, acc):
     key = store.key("eval", f"{run}/im2gps3k", "1", {"run": run})
-    with store.writer(key) as w:
+    with store.writer(key, version="1", config={"run": run}) as w:
         w.write_table(
             "predictions.parquet",
             pa.table({"method": ["locdiff"] * 2, "image_id": ["a", "b"], "distance_km": [1.0, 3000.0]}),

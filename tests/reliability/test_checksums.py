@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from locdiff import storage
 from locdiff.storage import ChecksumMismatchError, Store
+from locdiff.storage import writer as storage_writer
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def store(tmp_path):
 
 def _artifact(store, payload: bytes = b"0123456789" * 100_000):
     key = store.key("bench", "blob", "1", {"n": len(payload)})
-    with store.writer(key) as w:
+    with store.writer(key, version="1", config={"n": len(payload)}) as w:
         w.write_bytes("blob.bin", payload)
         w.write_table("t.parquet", pa.table({"x": list(range(1000))}))
         w.write_bytes("note.txt", "héllo\nworld\n".encode())
@@ -88,15 +88,15 @@ def test_a_truncated_part_is_refused_before_any_byte_is_read(store):
 
 def test_the_writer_hashes_while_writing_and_does_not_read_parts_back(store, monkeypatch):
     reads: list[str] = []
-    real = storage.hash_file
+    real = storage_writer.hash_file
 
     def counting(fs, path):
         reads.append(path)
         return real(fs, path)
 
-    monkeypatch.setattr(storage, "hash_file", counting)
+    monkeypatch.setattr(storage_writer, "hash_file", counting)
     key = store.key("bench", "w", "1", {})
-    with store.writer(key) as w:
+    with store.writer(key, version="1", config={}) as w:
         for i in range(3):
             with w.open(f"part-{i}.bin") as f:
                 f.write(b"abc" * (i + 1))
@@ -110,14 +110,14 @@ def test_the_writer_hashes_while_writing_and_does_not_read_parts_back(store, mon
         assert e["sha256"] == hashlib.sha256(data).hexdigest() and e["size"] == len(data)
     # a file written to w.path() by another writer is hashed at commit (it was not seen being written)
     key2 = store.key("bench", "w2", "1", {})
-    with store.writer(key2) as w:
+    with store.writer(key2, version="1", config={}) as w:
         Path(w.path("ext.bin")).write_bytes(b"external")
     assert len(reads) == 1 and store.verify(key2) == []
 
 
 def test_resume_rejects_a_reused_part_whose_bytes_changed(store):
     key = store.key("bench", "resume", "1", {})
-    with pytest.raises(RuntimeError), store.writer(key) as w:
+    with pytest.raises(RuntimeError), store.writer(key, version="1", config={}) as w:
         w.write_bytes("a.bin", b"A" * 1000)
         w.commit_part("a.bin", rows=1)
         w.write_bytes("b.bin", b"B" * 1000)
@@ -125,7 +125,7 @@ def test_resume_rejects_a_reused_part_whose_bytes_changed(store):
         raise RuntimeError("crash")
     staged = {p.name: p for p in Path(store.root, key).rglob("*.bin")}
     _flip(staged["a.bin"], at=3)  # same size, different bytes: a size check alone would take it
-    with store.writer(key) as w:
+    with store.writer(key, version="1", config={}) as w:
         assert not w.part_done("a.bin")
         assert w.part_done("b.bin")
         with w.open_part("b.bin") as f:
@@ -141,7 +141,7 @@ def test_dataset_image_reads_are_checked(store, tmp_path):
 
     key = store.key("datasets", "tiny", "1", {})
     recs = [ds.ImageRecord(f"i{i}", 1.0, 2.0, jpeg(i), split="test") for i in range(3)]
-    with store.writer(key) as w:
+    with store.writer(key, version="1", config={}) as w:
         ds.write_dataset(w, recs, shard_size=10)
     row = ds.read_manifest(store, key).to_pylist()[1]
     assert ds.read_image(store, key, row["shard"], row["offset"], row["size"]) == jpeg(1)
@@ -224,6 +224,6 @@ def test_s3_array_cache_is_private_and_checked_on_reuse(s3_store, tmp_path, monk
 def test_a_committed_key_is_never_rewritten(store):
     key, payload = _artifact(store)
     with pytest.raises(ValueError, match="is committed; a committed key is never rewritten"):
-        with store.writer(key) as w:
+        with store.writer(key, version="1", config={"n": len(payload)}) as w:
             w.write_bytes("blob.bin", b"other bytes")
     assert store.read_bytes(key, "blob.bin") == payload and store.verify(key) == []

@@ -63,7 +63,7 @@ def test_s3_faults_are_named_and_not_read_as_not_committed(s3_server, monkeypatc
     key = store.key("datasets", "x", "1", {})
     with pytest.raises(ArtifactNotFoundError, match="is not committed"):  # truly absent: said so
         store.manifest(key)
-    with store.writer(key) as w:
+    with store.writer(key, version="1", config={}) as w:
         w.write_bytes("a.bin", b"a")
     wrong = "wrong" + s3_server.secret_key[5:]
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)

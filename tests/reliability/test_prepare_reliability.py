@@ -269,7 +269,8 @@ def test_embed_skips_a_bomb_with_a_reason(tmp_path, store):
     recs = [ImageRecord(f"g{i}", 1.0, 2.0, jpeg(i, size=64), split="test") for i in range(3)]
     recs.insert(1, ImageRecord("bomb", 1.0, 2.0, png_claiming(60000, 60000), split="test", ext="png"))
     recs.append(ImageRecord("big", 1.0, 2.0, png_claiming(10000, 10000), split="test", ext="png"))
-    with store.writer(key) as w:  # written unchecked, as an older or foreign dataset might be
+    # written unchecked, as an older or foreign dataset might be
+    with store.writer(key, version="1", config={}) as w:
         write_dataset(w, recs, shard_size=10, verify=False)
     encoder = load_encoder("efficientnet-lite0", image_size=64)
     ekey = embed_dataset(store, key, batch_size=2, num_workers=0, encoder=encoder)

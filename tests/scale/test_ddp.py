@@ -12,7 +12,7 @@ import torch
 from locdiff.ddp import resolve_nproc, torchrun_command
 from locdiff.errors import UserError
 from locdiff.inference import load_checkpoint
-from locdiff.stages import stage_key
+from locdiff.stages import VERSIONS, stage_key
 from locdiff.stages.embeddings import synth_embeddings
 from locdiff.stages.runs import (
     KILL_ENV,
@@ -109,7 +109,7 @@ def test_bad_input_is_one_line(setup):
     rkey = stage_key(store, "runs", "bad", CONFIG.to_dict(), upstream)
     other = CONFIG.replace(train={"lr": 1e-4})
     ckpt = train(other, load_geo(store, key, "train", inputs["targets_key"]), max_steps=4).checkpoint
-    w = store.writer(rkey, config=CONFIG.to_dict(), upstream=upstream)
+    w = store.writer(rkey, version=VERSIONS["runs"], config=CONFIG.to_dict(), upstream=upstream)
     w.write_bytes(checkpoint_relpath(4), to_bytes(ckpt))
     w.commit_part(checkpoint_relpath(4))
     with pytest.raises(UserError) as err:
