@@ -1,8 +1,9 @@
 """Registry of the geolocation datasets this project knows: where they come from and what to watch for.
 
 The entries live in ``registry.toml`` beside this module (facts from the datasets' own pages and the
-papers that use them, links in each entry). The published files and how they are joined live in :mod:`locdiff.datasets.sources` (`locdiff datasets download NAME`);
-`locdiff datasets prepare NAME --manifest FILE` builds any dataset from a manifest.
+papers that use them, links in each entry). The published files and how they are joined live in
+:mod:`locdiff.datasets.sources` (`locdiff datasets download NAME`); `locdiff datasets prepare NAME
+--manifest FILE` builds any dataset from a manifest.
 """
 
 from __future__ import annotations
