@@ -14,7 +14,7 @@ import torch
 
 
 def main() -> None:
-    from locdiff.stages.embeddings import load_embeddings
+    from locdiff.embedstore import load_embeddings
     from locdiff.stages.runs import load_predictor
     from locdiff.storage import Store
     from locdiff_core.metrics import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from locdiff.stages.embeddings import iter_embeddings
+from locdiff.embedstore import iter_embeddings
 from locdiff.stages.runs import load_predictor, predict_embeddings, train_run
 from locdiff.storage import Store
 from locdiff_core.metrics import apply_mass_calibration

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from locdiff.datasets.synth import synth_embeddings
 from locdiff.ddp import resolve_nproc, torchrun_command
 from locdiff.errors import UserError
 from locdiff.stages import stage_key
-from locdiff.stages.embeddings import synth_embeddings
 from locdiff.stages.runs import (
     KILL_ENV,
     checkpoint_relpath,
