@@ -53,8 +53,13 @@ def skipped_relpath(index: int) -> str:
 
 
 def part_files(index: int) -> list[str]:
-    """Every file one part commits (the Parquet part last): the part is done when all of them are."""
+    """Every file one part commits (the Parquet part last)."""
     return [skipped_relpath(index), *(array_relpath(index, c) for c in ARRAY_COLUMNS), part_relpath(index)]
+
+
+def part_done(w: ArtifactWriter, index: int) -> bool:
+    """Whether every file of part ``index`` is committed (by ``w`` or by an earlier attempt)."""
+    return all(w.part_done(r) for r in part_files(index))
 
 
 def embedding_schema(dim: int) -> pa.Schema:

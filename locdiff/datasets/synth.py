@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from locdiff.embedstore import part_files, write_part
+from locdiff.embedstore import part_done, write_part
 from locdiff.stages import get_or_build
 from locdiff.storage import ArtifactWriter, Store
 
@@ -71,7 +71,7 @@ def synth_embeddings(
 
     def build(w: ArtifactWriter) -> None:
         for index, start in enumerate(range(0, rows, part_rows)):
-            if all(w.part_done(r) for r in part_files(index)):
+            if part_done(w, index):
                 continue
             n = min(part_rows, rows - start)
             r = synthetic_rows(n, dim, seed, start)

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from locdiff.datasets import shards as ds
-from locdiff.embedstore import part_files, skipped_relpath, write_part
+from locdiff.embedstore import part_done, skipped_relpath, write_part
 from locdiff.encoders import OFFLINE_ENCODER, Encoder, load_encoder
 from locdiff.stages import get_or_build, stage_key
 from locdiff.storage import ArtifactWriter, Key, Store
@@ -39,7 +39,7 @@ STAGE = "embeddings"
 MAX_SKIPPED_LISTED = 1000
 
 
-# --------------------------------------------------------------------------------------------- reading
+# --------------------------------------------------------------------------------------------- planning
 @dataclass
 class _Shard:
     index: int  # position in the dataset (part number)
@@ -181,7 +181,7 @@ def embed_dataset(
         t0 = time.perf_counter()
         todo = []
         for sh in plan:
-            if all(w.part_done(r) for r in part_files(sh.index)):
+            if part_done(w, sh.index):
                 stats.parts_reused += 1
                 stats.images += len(sh.members)
             else:
@@ -296,7 +296,7 @@ def shards_to_embed(
 
     def build(w: ArtifactWriter) -> None:
         plan, _ = _plan(store, dataset_key)
-        todo.extend(sh.index for sh in plan if not all(w.part_done(r) for r in part_files(sh.index)))
+        todo.extend(sh.index for sh in plan if not part_done(w, sh.index))
 
     get_or_build(store, *_stage(dataset_key, enc), build, commit=False)
     return todo
@@ -327,7 +327,7 @@ def embed_shard(
         raise ValueError(f"dataset {dataset_key} has no shard {shard}")
 
     def build(w: ArtifactWriter) -> None:
-        if not all(w.part_done(r) for r in part_files(shard)):
+        if not part_done(w, shard):
             meta = _meta(table)
             _embed_shards(w, store, dataset_key, enc, [sh], meta, batch_size, 0, EmbedStats(), 0, None)
 
