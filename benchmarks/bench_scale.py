@@ -92,7 +92,7 @@ def _child(store_uri: str, key: str, mode: str, steps: int) -> dict:
 def bench_data_path(
     tmp: str, rows_list: list[int], steps: int, modes=("mmap-cold", "mmap", "inmemory")
 ) -> None:
-    from locdiff.stages.embeddings import synth_embeddings
+    from locdiff.datasets.synth import synth_embeddings
     from locdiff.storage import Store
 
     print("\n== 1. training data path, E=768 float16, tiny model, peak RSS of a fresh process ==")
@@ -130,8 +130,8 @@ def bench_data_path(
 
 
 def bench_ddp(tmp: str, steps: int) -> None:
+    from locdiff.datasets.synth import synth_embeddings
     from locdiff.ddp import launch_train
-    from locdiff.stages.embeddings import synth_embeddings
     from locdiff.stages.runs import resolve_config
     from locdiff.storage import Store
     from tests.flows.conftest import run_inputs

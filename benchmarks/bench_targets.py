@@ -1,9 +1,10 @@
-"""SHDD targets: read cached codes from Parquet vs compute them on the fly with SHDD(L).encode.
+"""SHDD targets: read the stage's cached codes vs compute them on the fly with SHDD(L).encode.
 
 Both sides produce the same thing — a float32 ``[N, (L+1)^2]`` tensor of SHDD codes for N training
 coordinates — measured in the same run on the same points (the MP16 gallery shipped in geoclip).
-The cache side reads what ``locdiff.stages.targets.build_targets`` writes (one Parquet file, float32 or
-float16 fixed-size lists) through the artifact store and converts to a torch tensor.
+The cache side is the stage itself: the points are written as a one-part embeddings artifact,
+``locdiff.stages.targets.build_targets`` caches their codes (float32 or float16 ``.npy`` arrays), and
+``load_targets`` reads them back through the artifact store into a torch tensor.
 
     .venv/bin/python benchmarks/bench_targets.py [--n 20000] [--degrees 16 32 64] [--threads 2]
 
@@ -16,6 +17,7 @@ import argparse
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 
@@ -38,13 +40,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from locdiff.datasets.bluemarble import gallery_coordinates
-    from locdiff.stages.targets import read_codes, write_codes
+    from locdiff.embedstore import write_part
+    from locdiff.stages.targets import build_targets, load_targets, targets_for
     from locdiff.storage import Store
     from locdiff_core.shdd import SHDD
 
     g_lat, g_lon = gallery_coordinates()
-    lat = torch.from_numpy(g_lat[: args.n]).float()
-    lon = torch.from_numpy(g_lon[: args.n]).float()
+    lat64 = np.asarray(g_lat[: args.n], np.float64)
+    lon64 = np.asarray(g_lon[: args.n], np.float64)
+    lat, lon = torch.from_numpy(lat64).float(), torch.from_numpy(lon64).float()
     print(f"N={args.n} points, {torch.get_num_threads()} threads; best of {args.repeat}")
     print(
         f"{'L':>4} {'D':>6} {'on-the-fly/s':>14} {'read f32/s':>12} {'read f16/s':>12} "
@@ -52,26 +56,29 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.from_uri(tmp)
+        emb_key = store.key("embeddings", "bench/gallery", "bench", {"n": args.n}, [])
+        with store.writer(emb_key) as w:  # the points as a one-part embeddings artifact
+            ids = [str(i) for i in range(args.n)]
+            write_part(w, 0, ids, np.zeros((args.n, 2), np.float16), lat64, lon64, ["train"] * args.n)
+            w.set(dim=2)
         for L in args.degrees:
             shdd = SHDD(L)
-            codes = shdd.encode(lat, lon)  # warm-up, and the data to cache
+            shdd.encode(lat, lon)  # warm-up
             t_fly = _best(lambda shdd=shdd: shdd.encode(lat, lon), args.repeat)
+            want = targets_for(lat64, lon64, L, torch.float64).float()
             row = [L, shdd.dim, args.n / t_fly]
             sizes = {}
             for dtype in ("float32", "float16"):
-                key = store.key("bench", f"targets/L{L}/{dtype}", "1", {"L": L, "dtype": dtype}, [])
-                with store.writer(key, version="1", config={"L": L, "dtype": dtype}) as w:
-                    write_codes(w, "codes.parquet", [str(i) for i in range(args.n)], codes, dtype)
-                sizes[dtype] = store.manifest(key)["bytes"] / 1e6
-                got = read_codes(store, key, "codes.parquet")[1]
-                err = (got - codes).abs().max().item()
+                key = build_targets(store, emb_key, L, dtype)
+                sizes[dtype] = sum(f["size"] for f in store.manifest(key)["files"] if "code" in f["relpath"])
+                err = (load_targets(store, key)[1] - want).abs().max().item()
                 assert err < (1e-6 if dtype == "float32" else 5e-2 * (L + 1)), err
-                t_read = _best(lambda key=key: read_codes(store, key, "codes.parquet"), args.repeat)
+                t_read = _best(lambda key=key: load_targets(store, key), args.repeat)
                 row.append(args.n / t_read)
             r32, r16 = row[2] / row[3], row[2] / row[4]
             print(
                 f"{L:>4} {shdd.dim:>6} {row[2]:>14,.0f} {row[3]:>12,.0f} {row[4]:>12,.0f} "
-                f"{sizes['float32']:>8.1f} {r32:>11.2f} {r16:>11.2f}"
+                f"{sizes['float32'] / 1e6:>8.1f} {r32:>11.2f} {r16:>11.2f}"
             )
     print("ratio = codes/s on the fly / codes/s read from the cache (> 1: computing is faster)")
 

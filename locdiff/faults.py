@@ -10,6 +10,10 @@ are ``<stage>:<event>`` where the stage is the artifact's stage (``datasets``, `
 - ``before-manifest``: every file is written, the manifest (the commit) not yet;
 - ``committed``: the manifest is written.
 
+``sleep`` holds a process at a point for a test to kill it there: ``embeddings:part-committed@5=sleep:30``
+holds the embed stage once its first shard is committed (a shard commits 5 files: its skipped list,
+3 arrays, its part).
+
 With the variable unset (always, outside tests) a point costs one dictionary lookup.
 """
 

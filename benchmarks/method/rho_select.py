@@ -14,8 +14,8 @@ import torch
 
 
 def main() -> None:
+    from locdiff.embedstore import load_embeddings
     from locdiff.inference import load_predictor
-    from locdiff.stages.embeddings import load_embeddings
     from locdiff.storage import Store
     from locdiff_core.metrics import (
         geolocation_metrics,

@@ -136,7 +136,8 @@ def resolved_locdiff_config(cfg: dict, row: dict, seed: int):
 def prepare_data(data_cfg: dict, store=None, progress=print):
     """Build/reuse the sample and its embeddings; returns (embeddings key, {split: GeoEmbeddings})."""
     from locdiff.datasets.bluemarble import build_bluemarble
-    from locdiff.stages.embeddings import embed_dataset, load_embeddings
+    from locdiff.embedstore import load_embeddings
+    from locdiff.stages.embeddings import embed_dataset
     from locdiff.storage import Store
     from locdiff_core.data import GeoEmbeddings
 

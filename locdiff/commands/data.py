@@ -291,7 +291,7 @@ def synth(
 ) -> None:
     """Write a SYNTHETIC embeddings artifact directly (no images): a smooth noisy function of the
     location, for scale measurements and tests only, never for accuracy claims; prints its key."""
-    from locdiff.stages.embeddings import synth_embeddings
+    from locdiff.datasets.synth import synth_embeddings
 
     key = synth_embeddings(_store(storage), name, rows, dim, seed=seed, part_rows=part_rows)
     print(key)

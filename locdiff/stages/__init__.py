@@ -53,17 +53,25 @@ def get_or_build(
     config: dict,
     upstream: Iterable[str],
     build: Callable[[ArtifactWriter], None],
+    commit: bool = True,
 ) -> str:
     """The key of ``stage``'s artifact for (config, upstream): reused when committed, else built.
 
     ``build(writer)`` writes the files (parts it commits survive a crash; the next attempt's writer
     reports them done) and the artifact is committed when it returns. A committed key is never rebuilt
     (its content is what its key names): a rebuild takes a different config or upstream.
+
+    With ``commit=False`` the artifact is left uncommitted: ``build`` only commits (or asks about)
+    parts, for a stage whose parts several processes write and whose own call commits them.
     """
     upstream = list(upstream)
     key = stage_key(store, stage, name, config, upstream)
     if store.exists(key):
         return key
-    with store.writer(key, version=VERSIONS[stage], config=config, upstream=upstream) as w:
+    w = store.writer(key, version=VERSIONS[stage], config=config, upstream=upstream)
+    if not commit:
+        build(w)
+        return key
+    with w:
         build(w)
     return key

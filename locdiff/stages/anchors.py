@@ -104,7 +104,7 @@ def _split_coordinates(store: Store, key: str, split: str) -> tuple[np.ndarray, 
     else:
         import pandas as pd
 
-        from locdiff.stages.embeddings import embedding_parts
+        from locdiff.embedstore import embedding_parts
 
         t = pd.concat(
             [

@@ -110,8 +110,8 @@ def evaluate_run(
     ``retrieval_key``: a retrieval index (``locdiff.stages.retrieval``) built from the run's training
     split: adds the ``locdiff-h`` and ``retrieval-1nn`` methods. ``device``: where the predictor runs
     (None or "auto": CUDA when available); not part of the key."""
+    from locdiff.embedstore import iter_embeddings
     from locdiff.inference import load_predictor, predict_embeddings
-    from locdiff.stages.embeddings import iter_embeddings
 
     unknown = sorted(set(baselines) - set(_BASELINE_KINDS))
     if unknown:
@@ -183,8 +183,8 @@ def _val_calibration(store: Store, predictor, train_emb_key: str, seed: int) -> 
     on, ``fit_mass_calibration`` of the first mode's raw mass against the truth lying in its basin."""
     import torch
 
+    from locdiff.embedstore import iter_embeddings
     from locdiff.inference import predict_embeddings
-    from locdiff.stages.embeddings import iter_embeddings
     from locdiff_core.metrics import fit_mass_calibration, in_first_basin
     from locdiff_core.sphere import haversine_km
 

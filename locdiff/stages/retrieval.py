@@ -40,7 +40,7 @@ def build_index(store: Store, embeddings_key: str, split: str = "train") -> str:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from locdiff.stages.embeddings import iter_embeddings
+        from locdiff.embedstore import iter_embeddings
         from locdiff_core.retrieval import normalize_rows
 
         dim = int(store.manifest(embeddings_key)["dim"])
@@ -81,8 +81,8 @@ class RetrievalIndex:
 def load_index(store: Store, key: str) -> RetrievalIndex:
     import torch
 
+    from locdiff.embedstore import MappedArrays
     from locdiff.errors import UserError
-    from locdiff.stages.embeddings import MappedArrays
 
     man = store.manifest(key)
     if man.get("stage") != STAGE:

@@ -60,19 +60,16 @@ def anchor_roles(config: LocDiffConfig) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------------------ loading
 def load_geo(store: Store, embeddings_key: str, split: str, targets_key: str | None = None):
     """One split as a memory-mapped ``PartedGeo`` (with the cached codes of ``targets_key`` when
-    given): nothing but the split column is read until a batch asks for its rows. Artifacts written
-    before the ``.npy`` arrays existed are loaded into memory as a ``GeoEmbeddings``."""
-    from locdiff.stages.embeddings import has_arrays, open_embeddings
+    given): nothing but the split column is read until a batch asks for its rows."""
+    from locdiff.embedstore import open_embeddings
 
-    if has_arrays(store, embeddings_key):
-        return open_embeddings(store, embeddings_key, split, targets_key)  # rows checked when written
-    return load_geo_in_memory(store, embeddings_key, split, targets_key)
+    return open_embeddings(store, embeddings_key, split, targets_key)  # rows checked when written
 
 
 def load_geo_in_memory(store: Store, embeddings_key: str, split: str, targets_key: str | None = None):
     import torch
 
-    from locdiff.stages.embeddings import load_embeddings
+    from locdiff.embedstore import load_embeddings
     from locdiff.stages.targets import load_targets
     from locdiff_core.data import GeoEmbeddings
 

@@ -1,30 +1,26 @@
 """SHDD training targets: a cache of codes per embedding part (the default), or computed per batch.
 
 Decision (measured by ``benchmarks/bench_targets.py`` on 2 CPU cores, 20 k gallery points, figures in
-docs/data.md): reading cached float32 codes back from Parquet is 5x faster than computing
-``SHDD(L).encode`` at L = 16, 5x at L = 32 and 2x at L = 64, so the pipeline builds the cache once
-(:func:`build_targets`) and the trainer reads it (:func:`load_targets`, part by part, same row order
-as ``locdiff.stages.embeddings.load_embeddings``; ``locdiff.stages.runs`` checks the image ids agree).
-float32, not float16: float16 halves the file but its conversion
-back to float32 made reading 1.7-2.6x slower (at L = 64 no faster than computing) and it rounds codes
-to ~1e-3 relative. The cost is disk: (L+1)^2 * 4 bytes per image (17 KB at L = 64, i.e. 80 GB for
-MP16's 4.7 M images); at that scale, or on a GPU (not measured here: no GPU on this machine), set
-``train.targets="per_batch"``: the trainer encodes each batch's coordinates and the pipeline builds no
-cache (docs/data.md has the cost table).
+docs/data.md, when the cache was Parquet and the harmonics were torch's): reading cached float32 codes
+back was 5x faster than computing ``SHDD(L).encode`` at L = 16, 5x at L = 32 and 2x at L = 64, so the
+pipeline builds the cache once (:func:`build_targets`) and the trainer reads it (memory-mapped, a batch
+of rows at a time; :func:`load_targets` reads it whole, part by part in ``load_embeddings`` order).
+float32, not float16: float16 halves the file but its conversion back to float32 made reading 1.7-2.6x
+slower (at L = 64 no faster than computing) and it rounds codes to ~1e-3 relative. The cost is disk:
+(L+1)^2 * 4 bytes per image (17 KB at L = 64, i.e. 80 GB for MP16's 4.7 M images); at that scale, or on
+a GPU (not measured here: no GPU on this machine), set ``train.targets="per_batch"``: the trainer
+encodes each batch's coordinates and the pipeline builds no cache (docs/data.md has the cost table).
 
 Artifact ``targets/<dataset>/L<L>/<hash>``: ``parts/part-xxxxx.parquet`` (image_id, split: the row
 index) — one per embedding part, same row order — and beside each ``arrays/part-xxxxx.code.npy`` (the
 codes ``[n, (L+1)^2]``, their only copy), which the trainer memory-maps
-(``locdiff.stages.embeddings.open_embeddings``) and reads a batch of rows at a time. (Caches written
-before also hold the codes in the Parquet parts, a second copy nothing reads any more.)
+(``locdiff.embedstore.open_embeddings``) and reads a batch of rows at a time.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from locdiff.stages import get_or_build
@@ -32,7 +28,7 @@ from locdiff.storage import ArtifactWriter, Key, Store
 
 STAGE = "targets"
 BLOCK_ROWS = 8192  # rows encoded at a time when building the cache
-_DTYPES = {"float32": (pa.float32(), np.float32), "float16": (pa.float16(), np.float16)}
+_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def targets_for(lat_deg, lon_deg, max_degree: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -44,50 +40,9 @@ def targets_for(lat_deg, lon_deg, max_degree: int, dtype: torch.dtype = torch.fl
     return SHDD(max_degree).encode(lat, lon)
 
 
-def write_codes(
-    w: ArtifactWriter,
-    relpath: str,
-    ids: list[str],
-    codes: torch.Tensor,
-    dtype: str = "float32",
-    split: list[str] | None = None,
-) -> None:
-    """Write codes ``[N, D]`` as one Parquet part and commit it."""
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    pa_type, np_type = _DTYPES[dtype]
-    n, d = codes.shape
-    if len(ids) != n:
-        raise ValueError(f"{len(ids)} ids for {n} codes")
-    flat = codes.detach().cpu().numpy().astype(np_type, copy=False).reshape(-1)
-    cols = {
-        "image_id": pa.array(ids, pa.string()),
-        "code": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa_type), d),
-    }
-    if split is not None:
-        cols["split"] = pa.array(split, pa.string())
-    w.write_table(relpath, pa.table(cols))
-    w.commit_part(relpath, rows=n)
-
-
-def read_codes(
-    store: Store, key: str, relpath: str, split: str | None = None
-) -> tuple[list[str], torch.Tensor]:
-    """(image_ids, codes float32 ``[N, D]``) of one part (optionally one split), in one read."""
-    with store.open(key, relpath) as f:
-        t = pq.read_table(f)
-    if split is not None:
-        t = t.filter(pc.equal(t["split"], split))
-    col = t["code"].combine_chunks()
-    d = col.type.list_size
-    flat = col.flatten().to_numpy(zero_copy_only=False)
-    codes = np.array(flat, dtype=np.float32).reshape(t.num_rows, d)  # a writable copy
-    return t["image_id"].to_pylist(), torch.from_numpy(codes)
-
-
 def build_targets(store: Store, embeddings_key: str, max_degree: int, dtype: str = "float32") -> str:
     """Cache SHDD codes for every embedding part (same parts, same row order); returns the key."""
-    from locdiff.stages.embeddings import array_relpath_of, embedding_parts
+    from locdiff.embedstore import array_relpath_of, embedding_parts
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -100,7 +55,7 @@ def build_targets(store: Store, embeddings_key: str, max_degree: int, dtype: str
                 continue
             t = store.read_table(embeddings_key, rel, columns=["image_id", "lat", "lon", "split"])
             lat, lon = t["lat"].to_numpy(), t["lon"].to_numpy()
-            codes = np.empty((t.num_rows, (max_degree + 1) ** 2), _DTYPES[dtype][1])
+            codes = np.empty((t.num_rows, (max_degree + 1) ** 2), _DTYPES[dtype])
             for i in range(0, t.num_rows, BLOCK_ROWS):  # float64 one block at a time: the part's float64
                 j = i + BLOCK_ROWS  # codes alone would be 3.4 GB at L = 64 and 100 k rows
                 codes[i:j] = targets_for(lat[i:j], lon[i:j], max_degree, torch.float64).numpy()
@@ -117,7 +72,7 @@ def build_targets(store: Store, embeddings_key: str, max_degree: int, dtype: str
 
 def load_targets(store: Store, key: str, split: str | None = None) -> tuple[list[str], torch.Tensor]:
     """(image_ids, codes float32 [N, D]) of a target cache, read part by part in embedding order."""
-    from locdiff.stages.embeddings import MappedArrays, array_relpath_of
+    from locdiff.embedstore import MappedArrays, array_relpath_of
 
     ids: list[str] = []
     parts = []

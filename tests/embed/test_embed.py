@@ -15,16 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from locdiff import faults
 from locdiff.datasets import shards as ds
 from locdiff.datasets.bluemarble import build_bluemarble
+from locdiff.embedstore import embedding_parts, load_embeddings
 from locdiff.encoders import load_encoder
-from locdiff.stages.embeddings import (
-    SLEEP_ENV,
-    embed_dataset,
-    embedding_key,
-    embedding_parts,
-    load_embeddings,
-)
+from locdiff.stages.embeddings import embed_dataset, embedding_key
 from locdiff.storage import Store
 
 TINY = {"n": 40, "seed": 5, "size_px": 64, "shard_size": 10}  # 4 shards of 10 tiles
@@ -121,7 +117,8 @@ def test_sigkill_mid_way_then_resume_equals_uninterrupted(tmp_path, encoder):
     store, dkey = _tiny(tmp_path / "killed")
     key = embedding_key(store, dkey, encoder)
     marker_dir = Path(store.root) / key / "_parts"
-    env = {**os.environ, SLEEP_ENV: "30", "HF_HUB_OFFLINE": "1"}
+    # the child sleeps 30 s once its first shard is committed (5 parts: skipped list, 3 arrays, part)
+    env = {**os.environ, faults.ENV: "embeddings:part-committed@5=sleep:30", "HF_HUB_OFFLINE": "1"}
     repo = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen(

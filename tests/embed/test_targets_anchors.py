@@ -8,9 +8,10 @@ import torch
 
 from locdiff.datasets.bluemarble import build_bluemarble, gallery_coordinates, is_land
 from locdiff.datasets.shards import read_manifest
+from locdiff.embedstore import load_embeddings
 from locdiff.encoders import load_encoder
 from locdiff.stages.anchors import build_anchor_set, land_lattice, load_anchor_set
-from locdiff.stages.embeddings import embed_dataset, load_embeddings
+from locdiff.stages.embeddings import embed_dataset
 from locdiff.stages.targets import build_targets, load_targets, targets_for
 from locdiff.storage import Store
 from locdiff_core.shdd import SHDD

@@ -25,7 +25,7 @@ def synthetic_embeddings(
 ) -> str:
     """A small synthetic embeddings artifact (``locdiff datasets synth``): a noisy, non-linear function of
     the location, so a model can learn to geolocate it; Parquet parts plus memory-mappable arrays."""
-    from locdiff.stages.embeddings import synth_embeddings
+    from locdiff.datasets.synth import synth_embeddings
 
     return synth_embeddings(
         store, encoder, rows=n, dim=dim, seed=seed, part_rows=max(1, n // 2), encoder=encoder

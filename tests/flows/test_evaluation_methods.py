@@ -22,7 +22,7 @@ def run_key(store_uri, embeddings_key):
 
 
 def test_retrieval_index_is_the_normalised_training_split(store_uri, embeddings_key):
-    from locdiff.stages.embeddings import load_embeddings
+    from locdiff.embedstore import load_embeddings
     from locdiff.stages.retrieval import load_index
     from locdiff_core.retrieval import normalize_rows
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from locdiff.embedstore import iter_embeddings
 from locdiff.inference import load_predictor, predict_embeddings
-from locdiff.stages.embeddings import iter_embeddings
 from locdiff.stages.runs import train_run
 from locdiff.storage import Store
 from locdiff_core.metrics import apply_mass_calibration

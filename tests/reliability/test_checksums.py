@@ -167,7 +167,8 @@ def test_s3_tampered_object_is_refused(s3_store):
 def test_mapped_arrays_are_checked_before_they_are_mapped(store):
     """Training and evaluation map the .npy arrays instead of reading them: a tampered array is refused
     when opened, naming artifact and part."""
-    from locdiff.stages.embeddings import iter_embeddings, open_embeddings, synth_embeddings
+    from locdiff.datasets.synth import synth_embeddings
+    from locdiff.embedstore import iter_embeddings, open_embeddings
 
     key = synth_embeddings(store, "chk", rows=300, dim=8, seed=0, part_rows=100)
     fresh = Store.from_uri(store.root)
@@ -188,16 +189,17 @@ def test_s3_array_cache_is_private_and_checked_on_reuse(s3_store, tmp_path, monk
 
     import numpy as np
 
+    from locdiff import embedstore
+    from locdiff.datasets.synth import synth_embeddings
+    from locdiff.embedstore import MMAP_CACHE_ENV, iter_embeddings
     from locdiff.errors import UserError
-    from locdiff.stages import embeddings as emb_mod
-    from locdiff.stages.embeddings import MMAP_CACHE_ENV, iter_embeddings, synth_embeddings
 
     def rows(store):
         return np.concatenate([b[1] for b in iter_embeddings(store, key)[1]])
 
     cache = tmp_path / "cache"
     monkeypatch.setenv(MMAP_CACHE_ENV, str(cache))
-    monkeypatch.setattr(emb_mod, "_CACHE_STAMPS", {})
+    monkeypatch.setattr(embedstore, "_CACHE_STAMPS", {})
     key = synth_embeddings(s3_store, "cached", rows=200, dim=8, seed=0, part_rows=100)
     want = rows(s3_store)
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
@@ -208,7 +210,7 @@ def test_s3_array_cache_is_private_and_checked_on_reuse(s3_store, tmp_path, monk
         files[0].write_bytes(b"\0" * st.st_size)  # same size, zeros
         os.utime(files[0], ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime
         if fresh_process:
-            emb_mod._CACHE_STAMPS.clear()
+            embedstore._CACHE_STAMPS.clear()
         np.testing.assert_array_equal(rows(Store.from_uri(s3_store.url)), want)
         assert files[0].read_bytes() != b"\0" * st.st_size  # fetched again
     os.chmod(cache, 0o777)  # a cache others can write is refused, naming the fix

@@ -166,8 +166,9 @@ def test_key_covers_images_root_and_images_and_force_rebuilds(tmp_path, store):
 def test_force_with_one_more_image_gives_new_dataset_and_embeddings_keys(tmp_path, store):
     """A URL that was dead at the first build answers now: ``--force`` picks the image up under a new
     dataset key, so the embeddings keyed on the dataset are built anew with the new row count."""
+    from locdiff.embedstore import load_embeddings
     from locdiff.encoders import load_encoder
-    from locdiff.stages.embeddings import embed_dataset, load_embeddings
+    from locdiff.stages.embeddings import embed_dataset
     from tests.servers import http_server
 
     srv_root = _images(tmp_path / "srv", 2)

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from locdiff import faults
 from locdiff.datasets.bluemarble import build_bluemarble
 from locdiff.encoders import load_encoder
 from locdiff.errors import UserError
-from locdiff.stages.embeddings import SLEEP_ENV, embed_dataset
+from locdiff.stages.embeddings import embed_dataset
 from locdiff.storage import Store
 
 pytestmark = pytest.mark.slow
@@ -74,7 +75,8 @@ def test_a_killed_dask_worker_loses_nothing(prefect_harness, tmp_path, sequentia
     dkey, seq_key, seq_files = sequential
     store = Store.from_uri(str(tmp_path / "killed"))
     build_bluemarble(store, **TINY)
-    monkeypatch.setenv(SLEEP_ENV, "3")  # each shard task holds its worker 3 s after committing
+    # each worker holds its first shard task 3 s after committing its 5 parts (skipped, 3 arrays, part)
+    monkeypatch.setenv(faults.ENV, "embeddings:part-committed@5=sleep:3")
     markers = Path(store.root) / seq_key / "_parts"
     killed = []
     with (

@@ -7,14 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from locdiff.stages.embeddings import (
-    SYNTHETIC_NOTE,
-    embedding_parts,
-    iter_embeddings,
-    load_embeddings,
-    open_embeddings,
-    synth_embeddings,
-)
+from locdiff.datasets.synth import SYNTHETIC_NOTE, synth_embeddings
+from locdiff.embedstore import embedding_parts, iter_embeddings, load_embeddings, open_embeddings
 from locdiff.stages.runs import load_geo, load_geo_in_memory, resolve_config
 from locdiff.stages.targets import build_targets, load_targets
 from locdiff.storage import Store

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from locdiff.datasets.synth import synth_embeddings
 from locdiff.ddp import resolve_nproc, torchrun_command
 from locdiff.errors import UserError
 from locdiff.inference import load_checkpoint
 from locdiff.stages import VERSIONS, stage_key
-from locdiff.stages.embeddings import synth_embeddings
 from locdiff.stages.runs import (
     KILL_ENV,
     checkpoint_relpath,

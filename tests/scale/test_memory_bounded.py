@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from locdiff.stages.embeddings import synth_embeddings
+from locdiff.datasets.synth import synth_embeddings
 from locdiff.storage import Store
 
 ROOT = Path(__file__).resolve().parents[2]
