@@ -57,7 +57,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.from_uri(tmp)
         emb_key = store.key("embeddings", "bench/gallery", "bench", {"n": args.n}, [])
-        with store.writer(emb_key) as w:  # the points as a one-part embeddings artifact
+        # the points as a one-part embeddings artifact
+        with store.writer(emb_key, version="bench", config={"n": args.n}) as w:
             ids = [str(i) for i in range(args.n)]
             write_part(w, 0, ids, np.zeros((args.n, 2), np.float16), lat64, lon64, ["train"] * args.n)
             w.set(dim=2)
