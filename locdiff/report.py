@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-THRESHOLDS_KM = (1, 25, 200, 750, 2500)
-ACC_KEYS = tuple(f"acc_{t}km" for t in THRESHOLDS_KM)
+from locdiff_core.metrics import ACC_KEYS, THRESHOLDS_KM
+
 # LocDiff's credible radii: % of truths inside the 50 % / 90 % radius, raw and calibrated on `val`
 COVERAGE_KEYS = ("coverage50", "coverage90", "coverage50_cal", "coverage90_cal")
 
