@@ -25,6 +25,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import requests
@@ -304,7 +305,6 @@ def _extract(archive, target, max_member_bytes: int, max_total_bytes: int, max_m
     archive = str(archive)
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    out: list[str] = []
 
     def too_big(name: str, size: int, total: int, count: int) -> None:
         if size > max_member_bytes:
@@ -317,58 +317,56 @@ def _extract(archive, target, max_member_bytes: int, max_total_bytes: int, max_m
         if count > max_members:
             raise UnsafeArchiveError(f"{archive}: more than {max_members} members")
 
+    def extract_members(members: list[tuple]) -> list[str]:
+        """(name, is a folder, declared size, why it is refused or None, open) per member: all are
+        checked before anything is written."""
+        total = 0
+        for count, (name, _, size, refusal, _) in enumerate(members, 1):
+            _check_member_name(name, archive)
+            if refusal is not None:
+                raise refusal
+            total += size
+            too_big(name, size, total, count)
+        out: list[str] = []
+        for name, is_dir, size, _, open_member in members:
+            dest = target / _check_member_name(name, archive)
+            if is_dir:
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open_member() as src, open(dest, "wb") as dst:
+                # the declared size may lie (zip bombs): copy at most one byte beyond it
+                _copy_capped(src, dst, size, f"{archive}: {name}")
+            out.append(str(dest))
+        return out
+
+    def zip_refusal(info: zipfile.ZipInfo) -> UnsafeArchiveError | None:
+        if stat.S_ISLNK(info.external_attr >> 16):
+            return UnsafeArchiveError(f"{archive}: member {info.filename!r} is a symbolic link")
+        return None
+
+    def tar_refusal(m: tarfile.TarInfo) -> UnsafeArchiveError | None:
+        if m.issym() or m.islnk():
+            return UnsafeArchiveError(
+                f"{archive}: member {m.name!r} is a {'symbolic' if m.issym() else 'hard'} link "
+                f"(to {m.linkname!r})",
+                "links are refused: they can point outside the target folder",
+            )
+        if not (m.isfile() or m.isdir()):
+            return UnsafeArchiveError(f"{archive}: member {m.name!r} is a device/fifo/special file")
+        return None
+
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-            total = 0
-            for count, info in enumerate(infos, 1):
-                _check_member_name(info.filename, archive)
-                mode = info.external_attr >> 16
-                if stat.S_ISLNK(mode):
-                    raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a symbolic link")
-                total += info.file_size
-                too_big(info.filename, info.file_size, total, count)
-            for info in infos:
-                dest = target / _check_member_name(info.filename, archive)
-                if info.is_dir():
-                    dest.mkdir(parents=True, exist_ok=True)
-                    continue
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(dest, "wb") as dst:
-                    # the declared size may lie (zip bombs): copy at most one byte beyond it
-                    _copy_capped(src, dst, info.file_size, f"{archive}: {info.filename}")
-                out.append(str(dest))
-        return out
+            return extract_members([(i.filename, i.is_dir(), i.file_size, zip_refusal(i), partial(zf.open, i))
+                                    for i in zf.infolist()])
     try:
         tf = tarfile.open(archive, "r:*")
     except tarfile.TarError as exc:
         raise UnsafeArchiveError(f"{archive}: not a tar or zip archive ({exc})") from exc
     with tf:
-        members = tf.getmembers()
-        total = 0
-        for count, m in enumerate(members, 1):
-            _check_member_name(m.name, archive)
-            if m.issym() or m.islnk():
-                raise UnsafeArchiveError(
-                    f"{archive}: member {m.name!r} is a {'symbolic' if m.issym() else 'hard'} link "
-                    f"(to {m.linkname!r})",
-                    "links are refused: they can point outside the target folder",
-                )
-            if not (m.isfile() or m.isdir()):
-                raise UnsafeArchiveError(f"{archive}: member {m.name!r} is a device/fifo/special file")
-            total += m.size
-            too_big(m.name, m.size, total, count)
-        for m in members:
-            dest = target / _check_member_name(m.name, archive)
-            if m.isdir():
-                dest.mkdir(parents=True, exist_ok=True)
-                continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            src = tf.extractfile(m)
-            with src, open(dest, "wb") as dst:
-                _copy_capped(src, dst, m.size, f"{archive}: {m.name}")
-            out.append(str(dest))
-    return out
+        return extract_members([(m.name, m.isdir(), m.size, tar_refusal(m), partial(tf.extractfile, m))
+                                for m in tf.getmembers()])
 
 
 def _copy_capped(src, dst, limit: int, label: str) -> int:
