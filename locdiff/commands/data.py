@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import sys
@@ -60,9 +59,8 @@ def list_datasets(
 @datasets_app.command("prepare")
 def prepare(
     name: str = typer.Argument(..., help="a registry name (see `locdiff datasets list`) or any new name"),
-    manifest: Path = typer.Option(
-        None, "--manifest", help="CSV/Parquet with image id, path or URL, lat, lon"
-    ),
+    manifest: Path = typer.Option(None, "--manifest",
+                                  help="CSV/Parquet with image id, path or URL, lat, lon"),
     images_root: Path = typer.Option(None, "--images-root", help="folder that relative image paths are in"),
     archive: Path = typer.Option(None, "--archive", help="a tar/zip of the images (extracted safely)"),
     fix_swapped: bool = typer.Option(False, "--fix-swapped", help="swap LAT/LON when the header is reversed"),
@@ -99,9 +97,8 @@ def prepare(
     per_host: int = typer.Option(128, "--per-host", min=1, help="downloads: requests in flight to one host"),
     timeout: float = typer.Option(20.0, "--timeout", min=0.1, help="downloads: connect/read timeout (s)"),
     dns_cache: int = typer.Option(600, "--dns-cache", min=0, help="downloads: seconds to cache DNS answers"),
-    force: bool = typer.Option(
-        False, "--force", help="rebuild even when this dataset is committed (under a new key)"
-    ),
+    force: bool = typer.Option(False, "--force",
+                               help="rebuild even when this dataset is committed (under a new key)"),
     id_col: str = typer.Option(None, "--id-col", help="the manifest's image-id column (default: guessed)"),
     lat_col: str = typer.Option(None, "--lat-col", help="the manifest's latitude column"),
     lon_col: str = typer.Option(None, "--lon-col", help="the manifest's longitude column"),
@@ -117,14 +114,9 @@ def prepare(
     store = _store(storage)
     spec = REGISTRY.get(name.lower())
     if spec is not None and spec.kind == "embedded":
-        try:
-            mod = importlib.import_module("locdiff.datasets.bluemarble")
-        except ModuleNotFoundError as exc:
-            raise UserError("the bluemarble builder is not installed in this checkout") from exc
-        kwargs = {"seed": seed}
-        if n is not None:
-            kwargs["n"] = n
-        key = mod.build_bluemarble(store, **kwargs)
+        from locdiff.datasets.bluemarble import build_bluemarble
+
+        key = build_bluemarble(store, seed=seed, **({} if n is None else {"n": n}))
         print(key)
         return
     download = _download_options(workers, image_size, keep_original, processes, per_host, timeout, dns_cache)
