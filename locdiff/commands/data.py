@@ -56,11 +56,18 @@ def list_datasets(
         print(f"{name:<11} {'user':<9} {'':<44} yes: {mans[-1]['key']} ({mans[-1].get('rows')} rows)")
 
 
+def _print_key(store, key: str, summary) -> None:
+    """A built dataset's key on stdout, after ``key: summary(its manifest)`` on stderr."""
+    print(f"{key}: {summary(store.manifest(key))}", file=sys.stderr)
+    print(key)
+
+
 @datasets_app.command("prepare")
 def prepare(
     name: str = typer.Argument(..., help="a registry name (see `locdiff datasets list`) or any new name"),
-    manifest: Path = typer.Option(None, "--manifest",
-                                  help="CSV/Parquet with image id, path or URL, lat, lon"),
+    manifest: Path = typer.Option(
+        None, "--manifest", help="CSV/Parquet with image id, path or URL, lat, lon"
+    ),
     images_root: Path = typer.Option(None, "--images-root", help="folder that relative image paths are in"),
     archive: Path = typer.Option(None, "--archive", help="a tar/zip of the images (extracted safely)"),
     fix_swapped: bool = typer.Option(False, "--fix-swapped", help="swap LAT/LON when the header is reversed"),
@@ -97,8 +104,9 @@ def prepare(
     per_host: int = typer.Option(128, "--per-host", min=1, help="downloads: requests in flight to one host"),
     timeout: float = typer.Option(20.0, "--timeout", min=0.1, help="downloads: connect/read timeout (s)"),
     dns_cache: int = typer.Option(600, "--dns-cache", min=0, help="downloads: seconds to cache DNS answers"),
-    force: bool = typer.Option(False, "--force",
-                               help="rebuild even when this dataset is committed (under a new key)"),
+    force: bool = typer.Option(
+        False, "--force", help="rebuild even when this dataset is committed (under a new key)"
+    ),
     id_col: str = typer.Option(None, "--id-col", help="the manifest's image-id column (default: guessed)"),
     lat_col: str = typer.Option(None, "--lat-col", help="the manifest's latitude column"),
     lon_col: str = typer.Option(None, "--lon-col", help="the manifest's longitude column"),
@@ -158,13 +166,8 @@ def prepare(
         lon_col=lon_col,
         image_col=image_col,
     )
-    man = store.manifest(key)
-    print(
-        f"{key}: {man.get('rows')} images, {man.get('n_skipped', 0)} skipped "
-        f"({man.get('n_dead', 0)} dead links), {man.get('n_dropped_rows', 0)} rows without coordinates",
-        file=sys.stderr,
-    )
-    print(key)
+    _print_key(store, key, lambda m: f"{m.get('rows')} images, {m.get('n_skipped', 0)} skipped "
+               f"({m.get('n_dead', 0)} dead links), {m.get('n_dropped_rows', 0)} rows without coordinates")
 
 
 @datasets_app.command("download")
@@ -221,13 +224,8 @@ def download(
             workers, image_size, keep_original, processes, per_host, timeout, dns_cache
         ),
     )
-    man = store.manifest(key)
-    print(
-        f"{key}: {man.get('rows')} images, {man.get('n_dead', 0)} dead links, "
-        f"{man.get('n_failed', 0)} failed (re-run to fetch them again), {man.get('n_skipped', 0)} skipped",
-        file=sys.stderr,
-    )
-    print(key)
+    _print_key(store, key, lambda m: f"{m.get('rows')} images, {m.get('n_dead', 0)} dead links, "
+               f"{m.get('n_failed', 0)} failed (re-run to fetch them again), {m.get('n_skipped', 0)} skipped")
 
 
 def _download_options(workers, image_size, keep_original, processes, per_host, timeout, dns_cache):
