@@ -4,7 +4,7 @@
 
 Measures, on a fresh Blue Marble sample of ``--n`` tiles in a temporary store:
 
-1. dataset build (crop + JPEG + tar shards), tiles/s — the prototype of DESIGN §6a managed 24 tiles/s
+1. dataset build (crop + JPEG + tar shards), tiles/s — the prototype of docs/design.md §6a managed 24 tiles/s
    for crop + embed together;
 2. the whole embedding stage (``embed_dataset``: tar streaming, JPEG decode, preprocess in DataLoader
    workers, encoder, float16 Parquet parts, commits), images/s;

@@ -37,6 +37,7 @@ import fsspec
 import pyarrow as pa
 
 from locdiff.storage import Store, hash_file
+from locdiff_core.metrics import ACC_KEYS
 
 PROTOCOL = "locdiffstore"
 
@@ -79,7 +80,7 @@ _EMPTY: dict[str, list[tuple[str, str]]] = {
         ("dataset", "VARCHAR"),
         ("split", "VARCHAR"),
         ("method", "VARCHAR"),
-        *[(f"acc_{r}km", "DOUBLE") for r in (1, 25, 200, 750, 2500)],
+        *[(k, "DOUBLE") for k in ACC_KEYS],
         ("median_km", "DOUBLE"),
         ("mean_km", "DOUBLE"),
         ("geoscore", "DOUBLE"),

@@ -7,11 +7,11 @@ missing bucket, unreachable endpoint, read-only or full disk) are one line too, 
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import typer
 
+from locdiff.commands import data, run, runs, serve, stack
 from locdiff.errors import StoreAccessError, UserError, environment_error
 
 app = typer.Typer(
@@ -19,15 +19,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-
-# (module, attribute, name) of sub-apps / commands contributed by each area; a module that is not
-# there yet is skipped so that the CLI keeps working while areas land one by one.
-_SUBAPPS = [
-    ("locdiff.commands.data", "datasets_app", "datasets"),
-    ("locdiff.commands.stack", "stack_app", "stack"),
-    ("locdiff.commands.runs", "runs_app", "runs"),
-]
-_COMMAND_MODULES = ["locdiff.commands.data", "locdiff.commands.run", "locdiff.commands.serve"]
 
 
 @app.command()
@@ -38,32 +29,11 @@ def version() -> None:
     print(__version__)
 
 
-_mounted = False
-
-
-def _mount() -> None:
-    global _mounted
-    if _mounted:
-        return
-    _mounted = True
-    for module, attr, name in _SUBAPPS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                continue
-            raise
-        app.add_typer(getattr(mod, attr), name=name)
-    for module in _COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                continue
-            raise
-        register = getattr(mod, "register", None)
-        if register is not None:
-            register(app)
+app.add_typer(data.datasets_app, name="datasets")
+app.add_typer(stack.stack_app, name="stack")
+app.add_typer(runs.runs_app, name="runs")
+for _area in (data, run, serve):  # each area registers its top-level commands
+    _area.register(app)
 
 
 def _fail(exc: UserError, code: int) -> None:
@@ -74,7 +44,6 @@ def _fail(exc: UserError, code: int) -> None:
 
 
 def main() -> None:
-    _mount()
     try:
         app()
     except StoreAccessError as exc:  # the environment (credentials, endpoint, disk), not the input

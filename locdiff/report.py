@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-THRESHOLDS_KM = (1, 25, 200, 750, 2500)
-ACC_KEYS = tuple(f"acc_{t}km" for t in THRESHOLDS_KM)
+from locdiff_core.metrics import ACC_KEYS, THRESHOLDS_KM
+
 # LocDiff's credible radii: % of truths inside the 50 % / 90 % radius, raw and calibrated on `val`
 COVERAGE_KEYS = ("coverage50", "coverage90", "coverage50_cal", "coverage90_cal")
 
@@ -173,26 +173,10 @@ def world_map_png(
     ax.imshow(blue_marble(), extent=(-180, 180, -90, 90), origin="upper", interpolation="bilinear")
     for i in idx:
         _great_line(ax, true_lon[i], true_lat[i], pred_lon[i], pred_lat[i])
-    ax.scatter(
-        true_lon[idx],
-        true_lat[idx],
-        s=9,
-        c="#ffd400",
-        edgecolors="black",
-        linewidths=0.3,
-        label="truth",
-        zorder=3,
-    )
-    ax.scatter(
-        pred_lon[idx],
-        pred_lat[idx],
-        s=14,
-        c="#ff3b30",
-        marker="x",
-        linewidths=0.9,
-        label="prediction",
-        zorder=4,
-    )
+    ax.scatter(true_lon[idx], true_lat[idx], s=9, c="#ffd400", edgecolors="black", linewidths=0.3,
+               label="truth", zorder=3)
+    ax.scatter(pred_lon[idx], pred_lat[idx], s=14, c="#ff3b30", marker="x", linewidths=0.9,
+               label="prediction", zorder=4)
     ax.set_xlim(-180, 180)
     ax.set_ylim(-90, 90)
     ax.set_xlabel("longitude (°)")

@@ -28,26 +28,13 @@ from pathlib import Path
 import httpx
 import psutil
 
+from locdiff import project_dir
 from locdiff.errors import UserError
 
 DEFAULT_POOL = "locdiff-process"
 DEFAULT_PORT = 4200
 STATE_FILE = "stack.json"
 COMPONENTS = ("server", "worker", "s3")
-
-
-def project_dir() -> Path:
-    """The project folder: $LOCDIFF_PROJECT_DIR, else the nearest parent of cwd holding locdiff's
-    pyproject.toml, else the current directory."""
-    env = os.environ.get("LOCDIFF_PROJECT_DIR")
-    if env:
-        return Path(env).resolve()
-    here = Path.cwd().resolve()
-    for d in (here, *here.parents):
-        pp = d / "pyproject.toml"
-        if pp.is_file() and 'name = "locdiff"' in pp.read_text(errors="replace"):
-            return d
-    return here
 
 
 def free_port(preferred: int | None = None) -> int:

@@ -288,10 +288,10 @@ class LocDiffConfig:
 
     @property
     def decoder_anchor_count(self) -> int:
-        """Anchors of the decoder's uniform set: ``infer.decoder_anchors``, else SHDD's default count."""
-        from .shdd import SHDD
-
-        return self.infer.decoder_anchors or SHDD(self.max_degree).default_anchor_count()
+        """Anchors of the decoder's uniform set: ``infer.decoder_anchors``, else SHDD's default count,
+        max(10,000, 4 D) (``SHDD.default_anchor_count``, written out here so the config imports no math;
+        tests/core/test_config.py checks the two agree)."""
+        return self.infer.decoder_anchors or max(10_000, 4 * self.dim)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

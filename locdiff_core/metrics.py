@@ -10,18 +10,27 @@ Conventions (peers differ; ours are stated here and in the README):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
-from locdiff_core._checks import as_float_tensor
-from locdiff_core.sphere import haversine_km
+if TYPE_CHECKING:
+    import torch
 
+# The one definition of the accuracy thresholds and their column names (reports, the catalog's views).
+# torch is imported inside the functions, so reading these does not import it (`locdiff sql` stays fast).
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
+ACC_KEYS = tuple(f"acc_{r}km" for r in THRESHOLDS_KM)
 GEOSCORE_SCALE_KM = 1492.7
 
 
 def geolocation_metrics(true_lat, true_lon, pred_lat, pred_lon) -> dict[str, float]:
     """Accuracy at each threshold, median/mean error and GeoScore for paired predictions ``[N]``."""
+    import torch
+
+    from locdiff_core._checks import as_float_tensor
+    from locdiff_core.sphere import haversine_km
+
     args = [
         as_float_tensor(x, name).to(torch.float64)
         for x, name in zip(
@@ -33,7 +42,7 @@ def geolocation_metrics(true_lat, true_lon, pred_lat, pred_lon) -> dict[str, flo
     d = haversine_km(*args).reshape(-1)  # in float64 whatever the inputs' precision
     if d.numel() == 0:
         raise ValueError("geolocation_metrics needs at least one prediction, got none")
-    out: dict[str, float] = {f"acc_{r}km": float((d <= r).to(torch.float64).mean()) for r in THRESHOLDS_KM}
+    out = {k: float((d <= r).to(torch.float64).mean()) for k, r in zip(ACC_KEYS, THRESHOLDS_KM, strict=True)}
     out["median_km"] = float(d.median()) if d.numel() % 2 else float(d.quantile(0.5))
     out["mean_km"] = float(d.mean())
     out["geoscore"] = float((5000.0 * torch.exp(-d / GEOSCORE_SCALE_KM)).mean())
@@ -44,6 +53,11 @@ def geolocation_metrics(true_lat, true_lon, pred_lat, pred_lon) -> dict[str, flo
 def in_first_basin(true_lat, true_lon, modes_lat, modes_lon, basin_km: float) -> torch.Tensor:
     """Whether each truth ``[N]`` lies in the basin of its first mode: nearer to mode 0 of ``modes_lat/lon
     [N, k]`` (NaN = no mode) than to any other mode, and within ``basin_km`` of it. ``[N]`` bool."""
+    import torch
+
+    from locdiff_core._checks import as_float_tensor
+    from locdiff_core.sphere import haversine_km
+
     t_lat = as_float_tensor(true_lat, "true_lat").to(torch.float64).reshape(-1, 1)
     t_lon = as_float_tensor(true_lon, "true_lon").to(torch.float64).reshape(-1, 1)
     m_lat = torch.as_tensor(modes_lat, dtype=torch.float64)
@@ -60,6 +74,8 @@ def mass_reliability(mass, hit, n_bins: int = 10) -> list[dict]:
     """Reliability of a predicted probability ``mass [N]`` against outcomes ``hit [N]``: per bin of equal
     width on [0, 1] (the last closed), the count, mean predicted mass and observed hit rate (empty bins
     are left out)."""
+    import torch
+
     mass = torch.as_tensor(mass, dtype=torch.float64).reshape(-1)
     hit = torch.as_tensor(hit, dtype=torch.float64).reshape(-1)
     idx = (mass.clamp(0.0, 1.0) * n_bins).long().clamp_max(n_bins - 1)
@@ -79,6 +95,8 @@ def fit_mass_calibration(mass, hit, n_bins: int = 20) -> tuple[tuple[float, floa
     made non-decreasing by pooling adjacent violators (isotonic regression, weighted by count). Returns
     the knots ``((mean mass, hit rate), ...)`` in increasing mass; :func:`apply_mass_calibration`
     interpolates between them (constant beyond the ends)."""
+    import torch
+
     mass = torch.as_tensor(mass, dtype=torch.float64).reshape(-1)
     hit = torch.as_tensor(hit, dtype=torch.float64).reshape(-1)
     if mass.shape != hit.shape:

@@ -82,6 +82,12 @@ def list_datasets(
         print(f"{name:<11} {'user':<9} {'':<44} yes: {mans[-1]['key']} ({mans[-1].get('rows')} rows)")
 
 
+def _print_key(store, key: str, summary) -> None:
+    """A built dataset's key on stdout, after ``key: summary(its manifest)`` on stderr."""
+    print(f"{key}: {summary(store.manifest(key))}", file=sys.stderr)
+    print(key)
+
+
 @datasets_app.command("prepare")
 def prepare(
     name: str = typer.Argument(..., help="a registry name (see `locdiff datasets list`) or any new name"),
@@ -131,10 +137,7 @@ def prepare(
     if spec is not None and spec.kind == "embedded":
         from locdiff.datasets.bluemarble import build_bluemarble
 
-        kwargs = {"seed": seed}
-        if n is not None:
-            kwargs["n"] = n
-        key = build_bluemarble(store, **kwargs)
+        key = build_bluemarble(store, seed=seed, **({} if n is None else {"n": n}))
         print(key)
         return
     download = _download_options(workers, image_size, keep_original, processes, per_host, timeout, dns_cache)
@@ -176,13 +179,8 @@ def prepare(
         lon_col=lon_col,
         image_col=image_col,
     )
-    man = store.manifest(key)
-    print(
-        f"{key}: {man.get('rows')} images, {man.get('n_skipped', 0)} skipped "
-        f"({man.get('n_dead', 0)} dead links), {man.get('n_dropped_rows', 0)} rows without coordinates",
-        file=sys.stderr,
-    )
-    print(key)
+    _print_key(store, key, lambda m: f"{m.get('rows')} images, {m.get('n_skipped', 0)} skipped "
+               f"({m.get('n_dead', 0)} dead links), {m.get('n_dropped_rows', 0)} rows without coordinates")
 
 
 @datasets_app.command("download")
@@ -237,13 +235,8 @@ def download(
             workers, image_size, keep_original, processes, per_host, timeout, dns_cache
         ),
     )
-    man = store.manifest(key)
-    print(
-        f"{key}: {man.get('rows')} images, {man.get('n_dead', 0)} dead links, "
-        f"{man.get('n_failed', 0)} failed (re-run to fetch them again), {man.get('n_skipped', 0)} skipped",
-        file=sys.stderr,
-    )
-    print(key)
+    _print_key(store, key, lambda m: f"{m.get('rows')} images, {m.get('n_dead', 0)} dead links, "
+               f"{m.get('n_failed', 0)} failed (re-run to fetch them again), {m.get('n_skipped', 0)} skipped")
 
 
 def _download_options(workers, image_size, keep_original, processes, per_host, timeout, dns_cache):

@@ -37,6 +37,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from locdiff import project_dir
 from locdiff.datasets.download import RetryPolicy, download_file, is_http
 from locdiff.errors import UserError
 
@@ -130,8 +131,6 @@ def downloads_dir() -> Path:
     env = os.environ.get("LOCDIFF_DOWNLOADS")
     if env:
         return Path(env)
-    from locdiff.stack import project_dir
-
     return project_dir() / "data" / "downloads"
 
 

@@ -22,7 +22,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from importlib.resources import files
 
-from locdiff.report import THRESHOLDS_KM, blue_marble
+from locdiff.report import blue_marble
+from locdiff_core.metrics import THRESHOLDS_KM
 
 HERE = files("locdiff.mapview")
 BASEMAP_WIDTH = 2700  # px; 0.13 deg per pixel, about 0.5 MB of JPEG

@@ -185,16 +185,16 @@ def _large_basis(seed: int, n: int = 2048, L: int = 64) -> tuple[torch.Tensor, t
 
 
 def test_freed_results_mapping_is_reused_and_a_live_one_never_is(monkeypatch):
-    from locdiff_core import harmonics as H
+    from locdiff_core import outpool as H
 
     monkeypatch.setenv("LOCDIFF_SH_REUSE_BYTES", str(1 << 30))
-    monkeypatch.setattr(H, "_output_pool", H._OutputPool())
+    monkeypatch.setattr(H, "pool", H.OutputPool())
     _, _, y = _large_basis(0)
     ptr = y.data_ptr()
     del y  # its mapping goes back to the pool, marked MADV_FREE
-    assert H._output_pool.kept_bytes() >= 2048 * 65**2 * 4
+    assert H.pool.kept_bytes() >= 2048 * 65**2 * 4
     lat, lon, y2 = _large_basis(1)
-    assert y2.data_ptr() == ptr and H._output_pool.kept_bytes() == 0
+    assert y2.data_ptr() == ptr and H.pool.kept_bytes() == 0
     # a reused mapping holds exactly what a fresh one would
     monkeypatch.setenv("LOCDIFF_SH_REUSE_BYTES", "0")
     fresh = real_sph_harm(lat, lon, 64)
@@ -209,13 +209,13 @@ def test_freed_results_mapping_is_reused_and_a_live_one_never_is(monkeypatch):
 
 
 def test_reuse_limit_zero_keeps_nothing_and_bad_values_are_named(monkeypatch):
-    from locdiff_core import harmonics as H
+    from locdiff_core import outpool as H
 
-    monkeypatch.setattr(H, "_output_pool", H._OutputPool())
+    monkeypatch.setattr(H, "pool", H.OutputPool())
     monkeypatch.setenv("LOCDIFF_SH_REUSE_BYTES", "0")
     _, _, y = _large_basis(0)
     del y
-    assert H._output_pool.kept_bytes() == 0
+    assert H.pool.kept_bytes() == 0
     monkeypatch.setenv("LOCDIFF_SH_REUSE_BYTES", "4GB")
     with pytest.raises(ValueError, match="LOCDIFF_SH_REUSE_BYTES must be a whole number of bytes"):
-        H._OutputPool.limit()
+        H.OutputPool.limit()

@@ -314,7 +314,6 @@ def test_sql_and_datasets_cli(store, tmp_path, monkeypatch):
 
     from locdiff import cli
 
-    cli._mount()
     monkeypatch.setenv("LOCDIFF_STORAGE", store.url)
     k = _eval_artifact(store, "r1", 0.5)
     runner = CliRunner()

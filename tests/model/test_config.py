@@ -64,3 +64,21 @@ def test_config_diff_names_fields():
     diff = config_diff(a, b)
     assert set(diff) == {"max_degree", "train.lr"}
     assert diff["max_degree"] == (8, 9)
+
+
+@pytest.mark.parametrize("max_degree", [1, 8, 16, 32, 49, 50, 64, 128])
+def test_decoder_anchor_count_matches_shdd_without_importing_it(max_degree):
+    import subprocess
+    import sys
+
+    from locdiff_core.shdd import SHDD
+
+    cfg = get_preset("tiny", max_degree=max_degree)
+    assert cfg.decoder_anchor_count == SHDD(max_degree).default_anchor_count()
+    set_by_hand = get_preset("tiny", max_degree=max_degree, infer={"decoder_anchors": 123})
+    assert set_by_hand.decoder_anchor_count == 123
+    if max_degree == 1:  # the config imports no math module
+        code = ("import sys, locdiff_core.config; "
+                "print(sorted(m for m in sys.modules if m.startswith('locdiff_core.')))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "['locdiff_core.config']"

@@ -44,7 +44,6 @@ def _parse_only(argv: list[str]) -> None:
 
     from locdiff import cli as cli_mod
 
-    cli_mod._mount()
     group = typer.main.get_command(cli_mod.app)
     ctx = group.make_context("locdiff", list(argv), resilient_parsing=False)
     name, cmd, rest = group.resolve_command(ctx, list(argv))

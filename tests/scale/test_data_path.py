@@ -81,9 +81,8 @@ def test_device_resident_copy_and_in_memory_load_train_identically(synth):
 def test_synth_command(tmp_path):
     from typer.testing import CliRunner
 
-    from locdiff.cli import _mount, app
+    from locdiff.cli import app
 
-    _mount()
     out = CliRunner().invoke(
         app, ["datasets", "synth", "cli", "--rows", "50", "--dim", "8", "--storage", str(tmp_path)]
     )
