@@ -15,12 +15,14 @@ __version__ = "0.1.0"
 
 def project_dir() -> Path:
     """The project folder, the one place the project root is computed: $LOCDIFF_PROJECT_DIR, else the
-    nearest parent of cwd holding locdiff's pyproject.toml, else the current directory."""
+    nearest parent of cwd holding locdiff's pyproject.toml, else the checkout this package is installed
+    from (an editable install), else the current directory."""
     env = os.environ.get("LOCDIFF_PROJECT_DIR")
     if env:
         return Path(env).resolve()
     here = Path.cwd().resolve()
-    for d in (here, *here.parents):
+    checkout = Path(__file__).resolve().parents[1]
+    for d in (*(here, *here.parents), checkout):
         pp = d / "pyproject.toml"
         if pp.is_file() and 'name = "locdiff"' in pp.read_text(errors="replace"):
             return d

@@ -14,7 +14,7 @@ are; the ``.npy`` arrays are the one copy every reader takes the rows from (``np
 part by part; from S3 each array is fetched once into a local cache named by its checksum, then mapped).
 
 Layout: ``embedding`` is ``fixed_size_list<halffloat>[dim]`` — float16 halves the bytes of float32 and is
-what DESIGN §4 asks for; pyarrow writes it as Parquet's FLOAT16 logical type, which DuckDB 2.x reads
+what docs/design.md §4 asks for; pyarrow writes it as Parquet's FLOAT16 logical type, which DuckDB 2.x reads
 (as ``FLOAT[]``; checked in tests), so the catalog can query embeddings in place. Rows keep the shard's
 manifest order.
 """

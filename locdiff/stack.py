@@ -5,7 +5,7 @@ Everything lives under the project's `.prefect/` folder (ignored by git):
     .prefect/             PREFECT_HOME of every process we start (SQLite database, result storage)
     .prefect/stack/       stack.json (ports, pool), <name>.pid, <name>.log
 
-Facts this module is built around (measured here, DESIGN §7): the server starts offline in ~13 s on
+Facts this module is built around (measured here, docs/design.md §7): the server starts offline in ~13 s on
 SQLite; a child without PREFECT_API_URL starts its own temporary server (10-19 s per flow run), so
 every child we start gets PREFECT_API_URL; a worker started in the background from a shell ignores
 SIGTERM, so each component is started in its own session and stopped by signalling its whole process

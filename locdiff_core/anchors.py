@@ -1,8 +1,8 @@
 """Anchor sets: finite point sets on which sphere functions are evaluated.
 
-Training resamples anchors every step (uniform + data-distribution + near-target, DESIGN §3); the decoder
-uses a fixed :class:`AnchorGrid` whose basis matrix is computed once and cached when it fits a memory
-budget (otherwise it is recomputed chunk by chunk, so memory stays bounded at any anchor count).
+Training resamples anchors every step (uniform + data-distribution + near-target, docs/design.md §3);
+the decoder uses a fixed :class:`AnchorGrid` whose basis matrix is computed once and cached when it fits
+a memory budget (otherwise it is recomputed chunk by chunk, so memory stays bounded at any anchor count).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Typed, validated configuration for the LocDiff model, its diffusion process, training and inference.
 
-Every choice of the method (DESIGN §3) is a field here with a documented default. The dataclasses are
+Every choice of the method (docs/design.md §3) is a field here with a documented default. The dataclasses are
 frozen and validated on construction; ``to_dict``/``from_dict`` round-trip exactly (tuples survive a
 JSON trip). Named presets:
 
@@ -107,9 +107,9 @@ LOSS_KINDS = ("mse", "kl", "mse+kl")
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Training loss on the predicted x₀ (DESIGN §3: plain MSE, SHDD-KL, or their weighted sum)."""
+    """Training loss on the predicted x₀ (docs/design.md §3: plain MSE, SHDD-KL, or their weighted sum)."""
 
-    kind: str = "mse"  # the prototype saw no gain from KL at L=16 (DESIGN §6a); the ablation decides
+    kind: str = "mse"  # the prototype saw no gain from KL at L=16 (docs/design.md §6a); the ablation decides
     mse_weight: float = 1.0
     kl_weight: float = 1.0
     tau: float = 0.1  # SHDD-KL temperature, relative to the peak value (L+1)²/4π
@@ -204,7 +204,7 @@ class InferConfig:
     # size of the uniform anchor set the decoder searches (and SHDD-KL draws from); 0 = SHDD's default
     # max(10,000, 4·(L+1)²), spacing ~0.8 of the kernel's half-width
     decoder_anchors: int = 0
-    # LocDiff-H (DESIGN §3; chosen on `val` by benchmarks/method, see docs/results.md): the first
+    # LocDiff-H (docs/design.md §3; chosen on `val` by benchmarks/method, see docs/results.md): the first
     # `hybrid_modes` of LocDiff's modes propose regions; among the image's `hybrid_candidates` most
     # similar gallery images, those within `hybrid_radius_km` of a mode are candidates; `hybrid_rule`
     # "best" takes the most similar, "vote" the one whose 25 km neighbourhood carries most similarity.

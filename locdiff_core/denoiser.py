@@ -1,4 +1,4 @@
-"""CS-UNet: the conditional Siren U-Net that denoises SHDD codes (DESIGN §3).
+"""CS-UNet: the conditional Siren U-Net that denoises SHDD codes (docs/design.md §3).
 
 Input x_t ∈ R^D (D = (L+1)²), an image embedding e of any width E, and the diffusion step t. The network
 predicts x₀. Conditioning: t → sinusoidal features → MLP; e → linear projection (or a learned null

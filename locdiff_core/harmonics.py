@@ -1,6 +1,6 @@
 """Real orthonormal spherical harmonics to high degree, batched over points and vectorised over orders.
 
-Basis (DESIGN §3): for degree l = 0..L and order m = -l..l, at colatitude theta and longitude phi,
+Basis (docs/design.md §3): for degree l = 0..L and order m = -l..l, at colatitude theta and longitude phi,
 
     Y_lm = sqrt(2) * Pbar_l^m(cos theta) * cos(m phi)      m > 0
     Y_l0 = Pbar_l^0(cos theta)

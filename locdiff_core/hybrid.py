@@ -1,4 +1,4 @@
-"""LocDiff-H: refine LocDiff's prediction with a retrieval gallery (DESIGN §3).
+"""LocDiff-H: refine LocDiff's prediction with a retrieval gallery (docs/design.md §3).
 
 For each image, the gallery candidates within ``radius_km`` (default 200) of LocDiff's prediction are
 scored by a pluggable retrieval scorer; the best-scoring candidate is returned, or LocDiff's own

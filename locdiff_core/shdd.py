@@ -8,8 +8,8 @@ x = sqrt(4 pi) * c, whose coordinates have unit second moment for uniformly spre
 (:attr:`SHDD.scale`). Every method here takes codes in c units (divide x by ``scale`` first).
 
 Degree filters multiply degree l by a weight w_l: by the Funk-Hecke theorem that is a convolution of the
-sphere function with a zonal kernel (DESIGN §3). They damp the truncation's ringing and set the decoder's
-resolution rho.
+sphere function with a zonal kernel (docs/design.md §3). They damp the truncation's ringing and set the
+decoder's resolution rho.
 """
 
 from __future__ import annotations

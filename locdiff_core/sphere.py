@@ -1,6 +1,6 @@
 """Points on the sphere: lat/lon <-> unit vectors, great-circle distances, lattices and sampling.
 
-Conventions (DESIGN §3): latitude/longitude in degrees at every public boundary; colatitude
+Conventions (docs/design.md §3): latitude/longitude in degrees at every public boundary; colatitude
 theta = (90 - lat) * pi / 180 and phi = lon * pi / 180 inside; the Earth is a sphere of mean radius
 6371.0088 km (IUGG mean radius R1); distances are haversine great-circle distances.
 """

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AnchorPools:
-    """The point sets SHDD-KL anchors are drawn from at every step (DESIGN §3 "Anchors").
+    """The point sets SHDD-KL anchors are drawn from at every step (docs/design.md §3 "Anchors").
 
     ``uniform_*`` [U]: an equal-area set (the pipeline's uniform anchor-set artifact); ``data_*`` [M]: the
     photo distribution (the pipeline's data anchor-set artifact, drawn from the training coordinates).

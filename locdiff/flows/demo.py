@@ -1,4 +1,4 @@
-"""`demo`: the whole pipeline on the embedded Blue Marble sample, offline on 2 CPU cores (DESIGN §6).
+"""`demo`: the whole pipeline on the embedded Blue Marble sample, offline on 2 CPU cores (docs/design.md §6).
 
 Same stages as `train-mp16`, with the offline EfficientNet-Lite0 encoder, the `cpu` preset, and the
 trivial most-common-region baseline evaluated beside LocDiff.

@@ -1,6 +1,6 @@
 """The Prefect tasks of locdiff: one thin wrapper per stage function, with its cache/retry/timeout policy.
 
-Conventions (DESIGN §2, §5):
+Conventions (docs/design.md §2, §5):
 - A task calls one function of ``locdiff.stages`` and returns the store key it produced; flows pass keys
   between tasks, never data. Parameters come in the same order as the stage function's, storage first.
 - Cache policy: the task's inputs plus the stage's version (``locdiff.stages.VERSIONS``), so a re-run

@@ -1,4 +1,4 @@
-"""`train-mp16`: the whole pipeline for MP16 by default, then evaluation (DESIGN §5).
+"""`train-mp16`: the whole pipeline for MP16 by default, then evaluation (docs/design.md §5).
 
 Every parameter can be overridden at run time, e.g. the end-to-end test's small run:
 

@@ -1,6 +1,6 @@
 """Anchor sets as artifacts: ``anchors/<kind>/<n>/<hash>`` holding ``anchors.parquet`` (lat, lon).
 
-Kinds (DESIGN §3 "Anchors"):
+Kinds (docs/design.md §3 "Anchors"):
 
 - ``uniform``: the Fibonacci lattice of n points (equal area, deterministic; ``locdiff_core.anchors``);
 - ``data``: n coordinates drawn (seeded) from the training split of a dataset or embeddings artifact —

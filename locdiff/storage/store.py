@@ -41,13 +41,10 @@ class ArtifactNotFoundError(UserError):
 
 
 def default_root() -> str:
-    """``$LOCDIFF_STORAGE``, else ``<project>/data/store`` (the project is the checkout holding locdiff)."""
-    env = os.environ.get("LOCDIFF_STORAGE")
-    if env:
-        return env
-    pkg_parent = Path(__file__).resolve().parents[2]
-    project = pkg_parent if (pkg_parent / "pyproject.toml").exists() else Path.cwd()
-    return "file://" + str(project / "data" / "store")
+    """``$LOCDIFF_STORAGE``, else ``<project>/data/store`` (:func:`locdiff.project_dir`)."""
+    from locdiff import project_dir
+
+    return os.environ.get("LOCDIFF_STORAGE") or "file://" + str(project_dir() / "data" / "store")
 
 
 # --------------------------------------------------------------------------------------------- the store
