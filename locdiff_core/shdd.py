@@ -164,7 +164,9 @@ class SHDD:
             )
         t = check_positive(tau, "tau") * self.peak
         lat, lon = check_latlon(anchor_lat, anchor_lon, "anchor ")
-        basis = real_sph_harm(lat.reshape(-1).to(pred.dtype), lon.reshape(-1).to(pred.dtype), self.max_degree)
+        # anchors are drawn on the CPU (one seeded generator): the basis goes where the predictions are
+        lat, lon = (x.reshape(-1).to(pred.device, pred.dtype) for x in (lat, lon))
+        basis = real_sph_harm(lat, lon, self.max_degree)
         log_q = F.log_softmax(pred @ basis.T / t, dim=-1)  # [B, A]
         log_p = F.log_softmax(true @ basis.T / t, dim=-1)  # [B, A]
         return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
