@@ -61,7 +61,7 @@ def _fit_baseline(kind: str, store, train_emb_key: str, train_config):
     ``train.baseline_steps`` with the rest of its training section."""
     import dataclasses
 
-    from locdiff.stages.embeddings import open_embeddings
+    from locdiff.embedstore import open_embeddings
     from locdiff_core.baselines import train_baseline
 
     steps = train_config.baseline_steps
