@@ -1,7 +1,7 @@
 """Multi-process training under torchrun (``torch.distributed.run``) with DDP.
 
-:func:`train` is the runs stage's build: with ``TrainSpec.nproc`` N > 1 it calls :func:`launch_train`,
-which writes the run's spec (``TrainSpec.to_dict()``) to a temporary folder and runs ::
+:func:`launch_train` is what the train task calls for ``TrainSpec.nproc`` N > 1: it writes the run's
+spec (``TrainSpec.to_dict()``) to a temporary folder and runs ::
 
     python -m torch.distributed.run --standalone --nproc-per-node N -m locdiff.ddp SPEC.json
 
@@ -125,18 +125,6 @@ def _failure(tail: str, returncode: int, errors_dir: Path) -> str:
     return f"torchrun exited with status {returncode}"
 
 
-def train(store, spec, *, progress=None, log: logging.Logger | None = None, on_curves=None) -> str:
-    """The runs stage's build (``locdiff.stages.STAGE_DECLS["runs"]``): ``spec.nproc`` (resolved by
-    :func:`resolve_nproc`) > 1 launches that many processes under torchrun, else trains here."""
-    from locdiff.stages import spec_kwargs
-    from locdiff.stages.runs import train_run
-
-    nproc = resolve_nproc(spec.nproc, spec.config.train.device)
-    if nproc > 1:
-        return launch_train(store.url, spec, nproc=nproc, log=log, on_curves=on_curves)
-    return train_run(store, **spec_kwargs(spec, "nproc"), progress=progress, log=log, on_curves=on_curves)
-
-
 def launch_train(
     storage: str | None,
     spec,
@@ -157,7 +145,7 @@ def launch_train(
     device = spec.config.train.device
     nproc = resolve_nproc(nproc, device)
     store = Store.from_uri(storage)
-    inputs = spec_kwargs(spec, "embeddings_key", "config", "stop_after_steps", "nproc")
+    inputs = spec_kwargs(spec, "embeddings_key", "config", "stop_after_steps")
     watcher = (
         LiveWatcher(store, run_key(store, spec.embeddings_key, spec.config, **inputs), on_curves)
         if on_curves
@@ -220,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     try:
-        key = train_run(Store.from_uri(job["storage"]), **spec_kwargs(spec, "nproc"))
+        key = train_run(Store.from_uri(job["storage"]), **spec_kwargs(spec))
         if rank == 0:
             Path(job["out"]).write_text(key)
     except UserError as exc:

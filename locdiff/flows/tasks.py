@@ -30,7 +30,7 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from locdiff.errors import retry_if_transient
-from locdiff.stages import STAGE_DECLS, VERSIONS, EmbedSpec
+from locdiff.stages import STAGE_DECLS, VERSIONS, EmbedSpec, TrainSpec
 from locdiff.storage import Store
 
 # Exponential backoff for I/O tasks: 10 s, 20 s, 40 s (+-50% jitter).
@@ -163,19 +163,26 @@ def _label(spec) -> str:
     return ""
 
 
-def _stage_fn(stage: str, **runtime):
+def _stage_fn(stage: str):
     def run(storage: str | None, spec) -> Any:
-        return build(stage, storage, spec, **{k: f(spec) for k, f in runtime.items()})
+        return build(stage, storage, spec)
 
     run.__name__ = run.__qualname__ = STAGE_DECLS[stage].task or stage
     run.__doc__ = f"Build the {stage} artifact of a {STAGE_DECLS[stage].spec.__name__}; returns its key."
     return run
 
 
-def _chart(spec):
+def train(storage: str | None, spec: TrainSpec) -> str:
+    """Train (or resume, or reuse) the run of ``spec``; returns the run key. ``spec.nproc`` > 1 (resolved
+    by ``locdiff.ddp.resolve_nproc``) trains under torchrun with that many DDP processes."""
+    from locdiff.ddp import launch_train, resolve_nproc
     from locdiff.flows.training_chart import TrainingChart
 
-    return TrainingChart(spec.config.train.max_steps, spec.config.train.batch_size)
+    chart = TrainingChart(spec.config.train.max_steps, spec.config.train.batch_size)
+    nproc = resolve_nproc(spec.nproc, spec.config.train.device)
+    if nproc > 1:
+        return launch_train(storage, spec, nproc=nproc, log=_logger(), on_curves=chart)
+    return build("runs", storage, spec, log=_logger(), on_curves=chart)
 
 
 def embed_shards_todo(storage: str | None, spec: EmbedSpec) -> list:
@@ -248,7 +255,7 @@ targets_task = stage_task("targets", _stage_fn("targets"))
 anchors_task = stage_task("anchors", _stage_fn("anchors"))
 retrieval_task = stage_task("retrieval", _stage_fn("retrieval"))
 # No retries: a failed training attempt resumes from its last checkpoint on the next run.
-train_task = stage_task("runs", _stage_fn("runs", log=lambda spec: _logger(), on_curves=_chart))
+train_task = stage_task("runs", train)
 evaluate_task = stage_task("eval", _stage_fn("eval"))
 # Not cached: cheap, and every run should publish its own table and markdown artifacts.
 report_task = stage_task("reports", report, cache_policy=NO_CACHE, persist_result=False)

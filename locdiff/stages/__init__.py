@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,11 +38,15 @@ from dataclasses import dataclass
 from locdiff.storage import ArtifactWriter, Lease, Store
 from locdiff_core.config import LocDiffConfig
 
-
 # ------------------------------------------------------------------------------------------ the specs
+LAUNCH = {"launch": True}  # field metadata: how to run the stage, not what it builds (not a build keyword)
+
+
 def spec_kwargs(spec, *skip: str) -> dict:
-    """A spec's fields as keywords (shallow: a config stays a ``LocDiffConfig``), less ``skip``."""
-    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name not in skip}
+    """A spec's fields as the build function's keywords (shallow: a config stays a ``LocDiffConfig``),
+    less the launch fields and ``skip``."""
+    fields = [f for f in dataclasses.fields(spec) if f.name not in skip and not f.metadata.get("launch")]
+    return {f.name: getattr(spec, f.name) for f in fields}
 
 
 @dataclass(frozen=True)
@@ -91,14 +96,16 @@ class TrainSpec:
     name: str | None = None
     preset: str | None = None
     stop_after_steps: int | None = None
-    nproc: int | None = None  # processes under torchrun (None: $LOCDIFF_NPROC, else every GPU, 1 on CPU)
+    # processes under torchrun (locdiff.ddp; None: $LOCDIFF_NPROC, else every visible GPU, 1 on the CPU)
+    nproc: int | None = dataclasses.field(default=None, metadata=LAUNCH)
 
     def __post_init__(self) -> None:
         if isinstance(self.config, dict):  # from JSON (the torchrun spec file, a deployment parameter)
             object.__setattr__(self, "config", LocDiffConfig.from_dict(self.config))
 
     def to_dict(self) -> dict:
-        return {**spec_kwargs(self), "config": self.config.to_dict()}
+        fields = dataclasses.fields(self)
+        return {**{f.name: getattr(self, f.name) for f in fields}, "config": self.config.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -129,13 +136,12 @@ def _function(ref: str) -> Callable:
 class Stage:
     """One stage, declared once. ``build_ref``: ``"module:function"``, called by :meth:`build` as
     ``function(store, **keywords, **runtime)`` where the keywords are the spec's fields (or its
-    ``build_kwargs()``), or with ``takes_spec`` as ``function(store, spec, **runtime)``."""
+    ``build_kwargs()``)."""
 
     name: str  # the store prefix
     version: str
     spec: type | None = None  # a frozen dataclass of the parameters (None: no Prefect task)
     build_ref: str = ""
-    takes_spec: bool = False
     io: bool = False  # failures are transient I/O: the task retries them with backoff
     timeout_s: float | None = None
     task: str = ""  # the Prefect task's name (default: name)
@@ -145,30 +151,29 @@ class Stage:
         if not isinstance(spec, self.spec):
             raise TypeError(f"stage {self.name!r} takes a {self.spec.__name__}, got {type(spec).__name__}")
         fn = _function(self.build_ref)
-        if self.takes_spec:
-            return fn(store, spec, **runtime)
         kwargs = spec.build_kwargs() if hasattr(spec, "build_kwargs") else spec_kwargs(spec)
         return fn(store, **kwargs, **runtime)
 
 
-H = 3600
+_H = 3600
 STAGE_DECLS = {
     s.name: s
     for s in (
         Stage("datasets", "1", DatasetSpec, "locdiff.stages.datasets:prepare_dataset",
-              io=True, timeout_s=48 * H, task="prepare-dataset", progress=True),
+              io=True, timeout_s=48 * _H, task="prepare-dataset", progress=True),
         Stage("embeddings", "2", EmbedSpec, "locdiff.stages.embeddings:embed_dataset",
-              io=True, timeout_s=48 * H, task="embed", progress=True),
+              io=True, timeout_s=48 * _H, task="embed", progress=True),
         # 4: the codes only in the .npy arrays (the Parquet parts keep image_id, split)
-        Stage("targets", "4", TargetsSpec, "locdiff.stages.targets:build_targets", io=True, timeout_s=12 * H),
-        Stage("anchors", "2", AnchorsSpec, "locdiff.stages.anchors:build_anchor_set", io=True, timeout_s=H),
+        Stage("targets", "4", TargetsSpec, "locdiff.stages.targets:build_targets",
+              io=True, timeout_s=12 * _H),
+        Stage("anchors", "2", AnchorsSpec, "locdiff.stages.anchors:build_anchor_set", io=True, timeout_s=_H),
         # compute: no retries (a failed attempt resumes from its last checkpoint on the next run)
-        Stage("runs", "2", TrainSpec, "locdiff.ddp:train", takes_spec=True, task="train", progress=True),
+        Stage("runs", "2", TrainSpec, "locdiff.stages.runs:train_run", task="train", progress=True),
         Stage("retrieval", "1", RetrievalSpec, "locdiff.stages.retrieval:build_index",
-              io=True, timeout_s=6 * H),
+              io=True, timeout_s=6 * _H),
         # 4: mode masses are probabilities (a point-mass fit), mass reliability in the metrics
         Stage("eval", "4", EvalSpec, "locdiff.stages.evals:evaluate_run",
-              timeout_s=6 * H, task="evaluate", progress=True),
+              timeout_s=6 * _H, task="evaluate", progress=True),
         # 3: metrics rows carry geoscore and radius coverage; 4: mode-mass reliability tables
         Stage("reports", "4", ReportSpec, "locdiff.stages.reports:build_report", task="report"),
         Stage("aliases", "1"),  # tag/untag records (locdiff.stages.aliases): no task
@@ -196,6 +201,7 @@ def get_or_build(
     lease: bool = False,
     on_wait: Callable[[str], None] | None = None,
     write: bool = True,
+    log: logging.Logger | None = None,
 ) -> str:
     """The key of ``stage``'s artifact for (config, upstream): reused when committed, else built.
 
@@ -206,14 +212,18 @@ def get_or_build(
     Options: ``lease`` takes the key's :class:`~locdiff.storage.Lease` first (one builder at a time;
     ``on_wait(owner)`` while another holds it; a key committed meanwhile is reused). ``write=False``
     calls ``build(None)`` and commits nothing: a rank of a DDP launch other than 0, which computes while
-    rank 0 writes and commits.
+    rank 0 writes and commits. ``log``: says when a committed artifact is reused.
     """
     upstream = list(upstream)
     key = stage_key(store, stage, name, config, upstream)
     if store.exists(key):
+        if log:
+            log.info("%s is committed already; reusing it", key)
         return key
     with Lease(store, key, on_wait=on_wait) if lease else nullcontext() as held:
         if held is not None and held.committed:
+            if log:
+                log.info("%s was committed by another process; reusing it", key)
             return key
         writer = store.writer(key, config=config, upstream=upstream, resume=True) if write else nullcontext()
         with writer as w:

@@ -412,7 +412,16 @@ def train_run(
     # rank 0 alone opens the writer (finds the checkpoint to resume from, writes, commits)
     on_wait = lambda owner: log.info("run %s is being trained by %s; waiting for it", key, owner)  # noqa: E731
     return get_or_build(
-        store, STAGE, run_name, cfg, upstream, build, lease=world == 1, on_wait=on_wait, write=rank == 0
+        store,
+        STAGE,
+        run_name,
+        cfg,
+        upstream,
+        build,
+        lease=world == 1,
+        on_wait=on_wait,
+        write=rank == 0,
+        log=log,
     )
 
 
