@@ -166,6 +166,7 @@ def bench_dask(tmp: str) -> None:
 
     from locdiff.datasets.bluemarble import build_bluemarble
     from locdiff.flows.stages import embed_flow
+    from locdiff.stages import EmbedSpec
     from locdiff.stages.embeddings import embed_dataset
     from locdiff.storage import Store
 
@@ -183,7 +184,7 @@ def bench_dask(tmp: str) -> None:
     build_bluemarble(dsk, **spec)
     with prefect_test_harness(server_startup_timeout=120):
         t0 = time.perf_counter()
-        k2 = embed_flow(storage=dsk.url, dataset_key=dkey, options=opts, dask="local", dask_workers=2)
+        k2 = embed_flow(storage=dsk.url, spec=EmbedSpec(dkey, options=opts), dask="local", dask_workers=2)
         dask_s = time.perf_counter() - t0
     same = [f["sha256"] for f in seq.manifest(k1)["files"] if f["relpath"].startswith("parts/")] == [
         f["sha256"] for f in dsk.manifest(k2)["files"] if f["relpath"].startswith("parts/")

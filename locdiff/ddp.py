@@ -1,7 +1,7 @@
 """Multi-process training under torchrun (``torch.distributed.run``) with DDP.
 
-:func:`launch_train` is what the train task and ``locdiff train --nproc N`` call when N > 1: it writes
-the run's spec to a temporary folder and runs ::
+:func:`launch_train` is what the train task calls for ``TrainSpec.nproc`` N > 1: it writes the run's
+spec (``TrainSpec.to_dict()``) to a temporary folder and runs ::
 
     python -m torch.distributed.run --standalone --nproc-per-node N -m locdiff.ddp SPEC.json
 
@@ -127,51 +127,40 @@ def _failure(tail: str, returncode: int, errors_dir: Path) -> str:
 
 def launch_train(
     storage: str | None,
-    embeddings_key: str,
-    config,
+    spec,
     *,
     nproc: int,
-    targets_key: str | None = None,
-    anchors: dict[str, str] | None = None,
-    name: str | None = None,
-    preset: str | None = None,
-    stop_after_steps: int | None = None,
     env: dict[str, str] | None = None,
     log: logging.Logger | None = None,
     on_curves=None,
 ) -> str:
-    """Train a run with ``nproc`` processes under torchrun; returns the run key (see module doc).
-    ``on_curves(key, curves)``: called with the curves so far whenever rank 0 refreshed them."""
+    """Train the run of ``spec`` (a ``TrainSpec``) with ``nproc`` processes under torchrun; returns the run
+    key (see module doc). ``on_curves(key, curves)``: called with the curves so far whenever rank 0
+    refreshed them."""
+    from locdiff.stages import spec_kwargs
     from locdiff.stages.runs import LiveWatcher, run_key
     from locdiff.storage import Store
 
     log = log or logging.getLogger("locdiff.ddp")
-    nproc = resolve_nproc(nproc, config.train.device)
+    device = spec.config.train.device
+    nproc = resolve_nproc(nproc, device)
     store = Store.from_uri(storage)
-    storage = store.url  # every rank opens the same store
-    ids = {"targets_key": targets_key, "anchors": anchors, "name": name, "preset": preset}
+    inputs = spec_kwargs(spec, "embeddings_key", "config", "stop_after_steps")
     watcher = (
-        LiveWatcher(store, run_key(store, embeddings_key, config, **ids), on_curves) if on_curves else None
+        LiveWatcher(store, run_key(store, spec.embeddings_key, spec.config, **inputs), on_curves)
+        if on_curves
+        else None
     )
     with tempfile.TemporaryDirectory(prefix="locdiff-ddp-") as tmp:
-        spec = {
-            "storage": storage,
-            "embeddings_key": embeddings_key,
-            "config": config.to_dict(),
-            "targets_key": targets_key,
-            "anchors": anchors,
-            "name": name,
-            "preset": preset,
-            "stop_after_steps": stop_after_steps,
-            "out": os.path.join(tmp, "run_key.txt"),
-            "errors": os.path.join(tmp, "errors"),
-        }
-        os.makedirs(spec["errors"])
+        out, errors = os.path.join(tmp, "run_key.txt"), os.path.join(tmp, "errors")
+        os.makedirs(errors)
         spec_path = os.path.join(tmp, "spec.json")
-        Path(spec_path).write_text(json.dumps(spec))
+        # every rank opens the same store and trains the same spec
+        job = {"storage": store.url, "spec": spec.to_dict(), "out": out, "errors": errors}
+        Path(spec_path).write_text(json.dumps(job))
         cmd = torchrun_command(nproc, spec_path)
         child_env = {**os.environ, **(env or {})}
-        if not _cuda_training(config.train.device):
+        if not _cuda_training(device):
             child_env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one node: keep gloo on loopback
         child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         log.info("launching %d training processes: %s", nproc, " ".join(cmd[1:]))
@@ -188,12 +177,12 @@ def launch_train(
         if watcher is not None:  # the last refresh of a run that stopped (a committed run's is gone)
             watcher.poll(force=True)
         if proc.returncode != 0:
-            why = _failure("".join(tail), proc.returncode, Path(spec["errors"]))
+            why = _failure("".join(tail), proc.returncode, Path(errors))
             raise UserError(
                 f"distributed training failed: {why}",
                 "checkpoints committed before the failure are kept: run the same command again to resume",
             )
-        return Path(spec["out"]).read_text().strip()
+        return Path(out).read_text().strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,15 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
+    from locdiff.stages import TrainSpec, spec_kwargs
     from locdiff.stages.runs import train_run
     from locdiff.storage import Store
-    from locdiff_core.config import LocDiffConfig
 
     argv = sys.argv[1:] if argv is None else argv
-    spec = json.loads(Path(argv[0]).read_text())
-    config = LocDiffConfig.from_dict(spec["config"])
+    job = json.loads(Path(argv[0]).read_text())
+    spec = TrainSpec(**job["spec"])
     rank = int(os.environ["RANK"])
-    cuda = _cuda_training(config.train.device)
+    cuda = _cuda_training(spec.config.train.device)
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     logging.basicConfig(
@@ -219,20 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     try:
-        key = train_run(
-            Store.from_uri(spec["storage"]),
-            spec["embeddings_key"],
-            config,
-            targets_key=spec["targets_key"],
-            anchors=spec["anchors"],
-            name=spec["name"],
-            preset=spec["preset"],
-            stop_after_steps=spec["stop_after_steps"],
-        )
+        key = train_run(Store.from_uri(job["storage"]), **spec_kwargs(spec))
         if rank == 0:
-            Path(spec["out"]).write_text(key)
+            Path(job["out"]).write_text(key)
     except UserError as exc:
-        Path(spec["errors"], f"rank-{rank}.txt").write_text(exc.message)
+        Path(job["errors"], f"rank-{rank}.txt").write_text(exc.message)
         return 2
     finally:
         if dist.is_initialized():

@@ -1,14 +1,17 @@
 """Fault injection for the crash-safety tests: named points where a process can be made to die.
 
-``LOCDIFF_FAULT="POINT[@N][=ACTION]"`` (comma-separated for several): the N-th time (default 1st) this
-process reaches ``POINT``, it is SIGKILLed (ACTION ``kill``, the default) or sleeps (``sleep:S``). Points
-are ``<stage>:<event>`` where the stage is the artifact's stage (``datasets``, ``embeddings``, ``targets``,
-``anchors``, ``runs``, ``eval``, ``reports``) and the event one of:
+``LOCDIFF_FAULT="POINT[@rankR][@N][=ACTION]"`` (comma-separated for several): the N-th time (default 1st)
+this process reaches ``POINT``, it is SIGKILLed (ACTION ``kill``, the default) or sleeps (``sleep:S``).
+``@rankR`` limits it to the process whose torchrun ``$RANK`` is R (a process without one is rank 0).
+Points are ``<stage>:<event>`` where the stage is the artifact's stage (``datasets``, ``embeddings``,
+``targets``, ``anchors``, ``runs``, ``eval``, ``reports``) and the event one of:
 
 - ``part-written``: a part's data is written, its "finished" marker not yet;
 - ``part-committed``: the marker is written (the part survives a crash);
 - ``before-manifest``: every file is written, the manifest (the commit) not yet;
-- ``committed``: the manifest is written.
+- ``committed``: the manifest is written;
+- ``train-step`` (``runs`` only): a training step was logged, on every rank (e.g.
+  ``runs:train-step@rank1@10``: rank 1 dies at its 10th logged step).
 
 ``sleep`` holds a process at a point for a test to kill it there: ``embeddings:part-committed@5=sleep:30``
 holds the embed stage once its first shard is committed (a shard commits 5 files: its skipped list,
@@ -30,10 +33,14 @@ _hits: dict[str, int] = {}
 
 def _plan() -> dict[str, tuple[int, str]]:
     out = {}
+    rank = os.environ.get("RANK", "0")
     for item in filter(None, (s.strip() for s in os.environ.get(ENV, "").split(","))):
         point, _, action = item.partition("=")
-        name, _, nth = point.partition("@")
-        out[name] = (int(nth or 1), action or "kill")
+        name, *quals = point.split("@")
+        if any(q.startswith("rank") and q != f"rank{rank}" for q in quals):
+            continue  # another rank's
+        nth = [q for q in quals if not q.startswith("rank")]
+        out[name] = (int(nth[0] if nth else 1), action or "kill")
     return out
 
 

@@ -41,10 +41,11 @@ from pathlib import Path
 import numpy as np
 
 from locdiff.errors import UserError
+from locdiff.stages import VERSIONS
 
 STAGE = "datasets"
 NAME = "bluemarble"
-VERSION = "1"
+VERSION = VERSIONS[STAGE]  # the one version table (locdiff.stages)
 EARTH_RADIUS_KM = 6371.0088  # same constant as locdiff_core.sphere
 
 # name -> fraction of n. Semantics of each name are fixed (module docstring); unknown names are refused.

@@ -28,10 +28,11 @@ from locdiff.datasets.registry import REGISTRY, hashed_val
 from locdiff.datasets.shards import DEFAULT_SHARD_SIZE, ImageRecord, SkipImage, write_dataset
 from locdiff.datasets.validate import validate_file
 from locdiff.errors import UserError
+from locdiff.stages import VERSIONS
 from locdiff.storage import Store
 
 STAGE = "datasets"
-VERSION = "1"
+VERSION = VERSIONS[STAGE]  # the one version table (locdiff.stages)
 MAX_SKIP_SHARE = 0.5  # default: refuse to commit a dataset that left out more than half of its rows
 _EXTS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}
 

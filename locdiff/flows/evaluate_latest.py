@@ -6,6 +6,7 @@ from prefect import flow
 
 from locdiff.flows.pipeline import BENCHMARKS, evaluate_present
 from locdiff.flows.stages import report_flow, retrieval_flow
+from locdiff.stages import ReportSpec, RetrievalSpec
 
 
 @flow(name="evaluate-latest", log_prints=True)
@@ -33,7 +34,7 @@ def evaluate_latest(
     from locdiff.stages.evals import BASELINES
 
     train_emb = store.manifest(run_key).get("embeddings")
-    retrieval_key = retrieval_flow(storage=storage, embeddings_key=train_emb) if train_emb else None
+    retrieval_key = retrieval_flow(storage=storage, spec=RetrievalSpec(train_emb)) if train_emb else None
     eval_keys, notes = evaluate_present(
         storage,
         run_key,
@@ -44,13 +45,8 @@ def evaluate_latest(
         retrieval_key=retrieval_key,
         device=device,
     )
-    report = (
-        report_flow(
-            storage=storage, eval_keys=eval_keys, title=f"nightly evaluation of {run_key}", notes=notes
-        )
-        if eval_keys
-        else None
-    )
+    title = f"nightly evaluation of {run_key}"
+    report = report_flow(storage=storage, spec=ReportSpec(eval_keys, title, notes)) if eval_keys else None
     if report is None:
         print("no dataset to evaluate on:\n" + "\n".join(notes))
     return {

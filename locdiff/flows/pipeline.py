@@ -21,6 +21,16 @@ from locdiff.flows.stages import (
     targets_flow,
     train_flow,
 )
+from locdiff.stages import (
+    AnchorsSpec,
+    DatasetSpec,
+    EmbedSpec,
+    EvalSpec,
+    ReportSpec,
+    RetrievalSpec,
+    TargetsSpec,
+    TrainSpec,
+)
 
 BENCHMARKS = ("yfcc26k", "gws15k", "im2gps3k", "yfcc4k")  # what train-mp16 and the nightly evaluate on
 
@@ -72,19 +82,17 @@ def evaluate_present(
                 log.warning(note)
                 notes.append(note)
                 continue
-            ek = embed_flow(storage=storage, dataset_key=key, encoder=encoder, options=encoder_options or {})
-        eval_keys.append(
-            evaluate_flow(
-                storage=storage,
-                run_key=run_key,
-                embeddings_key=ek,
-                split=None,
-                dataset=name,
-                baselines=baselines,
-                retrieval_key=retrieval_key,
-                device=device or (encoder_options or {}).get("device"),
-            )
+            ek = embed_flow(storage=storage, spec=EmbedSpec(key, encoder, encoder_options or {}))
+        spec = EvalSpec(
+            run_key=run_key,
+            embeddings_key=ek,
+            split=None,
+            dataset=name,
+            baselines=baselines,
+            retrieval_key=retrieval_key,
+            device=device or (encoder_options or {}).get("device"),
         )
+        eval_keys.append(evaluate_flow(storage=storage, spec=spec))
     return eval_keys, notes
 
 
@@ -121,47 +129,45 @@ def run_pipeline(
         ds_key, emb_key = None, committed_embeddings(store, embeddings, "embeddings")
         dataset = Key.parse(emb_key).head
     else:
-        ds_key = prepare_flow(storage=storage, dataset=dataset, options=dataset_options or {})
+        ds_key = prepare_flow(storage=storage, spec=DatasetSpec(dataset, dataset_options or {}))
         emb_key = embed_flow(
-            storage=storage, dataset_key=ds_key, encoder=encoder, options=encoder_options or {}, dask=dask
+            storage=storage, spec=EmbedSpec(ds_key, encoder, encoder_options or {}), dask=dask
         )
     config = config.replace(embed_dim=int(store.manifest(emb_key)["dim"]))  # the data's width
     targets_key = None
     if config.train.targets == "cache":
-        targets_key = targets_flow(storage=storage, embeddings_key=emb_key, max_degree=config.max_degree)
-    anchors = {"uniform": anchors_flow(storage=storage, kind="uniform", n=config.decoder_anchor_count)}
+        targets_key = targets_flow(storage=storage, spec=TargetsSpec(emb_key, config.max_degree))
+    anchors = {
+        "uniform": anchors_flow(storage=storage, spec=AnchorsSpec("uniform", config.decoder_anchor_count))
+    }
     if "data" in anchor_roles(config):
-        anchors["data"] = anchors_flow(
-            storage=storage, kind="data", n=config.loss.data_anchor_pool, source_key=emb_key
-        )
-    run_key = train_flow(
-        storage=storage,
+        spec = AnchorsSpec("data", config.loss.data_anchor_pool, dataset_key=emb_key)
+        anchors["data"] = anchors_flow(storage=storage, spec=spec)
+    spec = TrainSpec(
         embeddings_key=emb_key,
         config=config,
         targets_key=targets_key,
         anchors=anchors,
         name=f"{dataset.lower()}-{preset}",
         preset=preset,
-        refresh=refresh,
         nproc=nproc,
     )
+    run_key = train_flow(storage=storage, spec=spec, refresh=refresh)
 
-    retrieval_key = retrieval_flow(storage=storage, embeddings_key=emb_key, split="train")
+    retrieval_key = retrieval_flow(storage=storage, spec=RetrievalSpec(emb_key, "train"))
 
     eval_keys, notes = [], []
     if ds_key and splits(store, ds_key).get("test"):
-        eval_keys.append(
-            evaluate_flow(
-                storage=storage,
-                run_key=run_key,
-                embeddings_key=emb_key,
-                split="test",
-                dataset=dataset,
-                baselines=baselines,
-                retrieval_key=retrieval_key,
-                device=(encoder_options or {}).get("device"),
-            )
+        spec = EvalSpec(
+            run_key=run_key,
+            embeddings_key=emb_key,
+            split="test",
+            dataset=dataset,
+            baselines=baselines,
+            retrieval_key=retrieval_key,
+            device=(encoder_options or {}).get("device"),
         )
+        eval_keys.append(evaluate_flow(storage=storage, spec=spec))
     else:
         what = "given as embeddings" if embeddings else "no test split"
         notes.append(f"{dataset}: {what}; evaluated on the benchmarks present only")
@@ -171,9 +177,7 @@ def run_pipeline(
     )
     eval_keys += more
     notes += skipped
-    report = (
-        report_flow(storage=storage, eval_keys=eval_keys, title=title, notes=notes) if eval_keys else None
-    )
+    report = report_flow(storage=storage, spec=ReportSpec(eval_keys, title, notes)) if eval_keys else None
     summary = {
         "dataset": ds_key,
         "embeddings": emb_key,

@@ -1,15 +1,16 @@
-"""The Prefect tasks of locdiff: one thin wrapper per stage function, with its cache/retry/timeout policy.
+"""The Prefect tasks of locdiff, derived from the stage declarations (``locdiff.stages.STAGE_DECLS``).
 
 Conventions (docs/design.md §2, §5):
-- A task calls one function of ``locdiff.stages`` and returns the store key it produced; flows pass keys
-  between tasks, never data. Parameters come in the same order as the stage function's, storage first.
+- A stage's task is ``task(storage, spec)``: it builds the stage's artifact from its spec (a frozen
+  dataclass of the stage's parameters) and returns the store key it produced; flows pass keys between
+  tasks, never data. Runtime-only things (progress bar, logger, training chart) are added here.
 - Cache policy: the task's inputs plus the stage's version (``locdiff.stages.VERSIONS``), so a re-run
   with the same inputs reuses finished stages (the Prefect UI shows them as Cached) and bumping a
   version invalidates exactly that stage. Underneath, the store is content-addressed too, so even with
   the Prefect cache bypassed (``refresh=True``) a finished artifact is found and not rebuilt.
-- Retries with exponential backoff only on tasks whose failures are transient I/O (downloads, object
-  storage), and only for errors that a retry can get past (``locdiff.errors.retry_if_transient``: a
-  ``UserError`` or a ValueError fails at once); compute tasks fail fast (training resumes from its last
+- Retries with exponential backoff only on the stages declared ``io`` (downloads, object storage), and
+  only for errors that a retry can get past (``locdiff.errors.retry_if_transient``: a ``UserError`` or
+  a ValueError fails at once); compute tasks fail fast (training resumes from its last
   checkpoint on the next run).
 - Progress of long stages goes to the Prefect UI (progress artifacts) and the terminal.
 """
@@ -29,9 +30,8 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from locdiff.errors import retry_if_transient
-from locdiff.stages import VERSIONS
+from locdiff.stages import STAGE_DECLS, VERSIONS, EmbedSpec, TrainSpec
 from locdiff.storage import Store
-from locdiff_core.config import LocDiffConfig
 
 # Exponential backoff for I/O tasks: 10 s, 20 s, 40 s (+-50% jitter).
 IO_RETRIES = 3
@@ -59,19 +59,26 @@ def stage_cache(stage: str) -> CachePolicy:
     return INPUTS + StageVersion(stage=stage, version=VERSIONS[stage])
 
 
-def io_task(fn, stage: str, timeout_seconds: float, name: str | None = None):
-    """A Prefect task for an I/O-bound stage: cached on its inputs + stage version, retried with backoff."""
-    return task(
-        fn,
-        name=name or stage,
+def stage_task(stage: str, fn, **options):
+    """The Prefect task running ``fn`` for a declared stage: cached on its inputs + the stage's version,
+    with the stage's timeout; an ``io`` stage's retried with backoff on transient errors. ``options``
+    override (``task``'s keywords)."""
+    decl = STAGE_DECLS[stage]
+    policy: dict[str, Any] = dict(
+        name=decl.task or stage,
         cache_policy=stage_cache(stage),
         persist_result=True,
-        retries=IO_RETRIES,
-        retry_delay_seconds=IO_RETRY_DELAYS,
-        retry_jitter_factor=IO_RETRY_JITTER,
-        retry_condition_fn=retry_if_transient,
-        timeout_seconds=timeout_seconds,
+        timeout_seconds=decl.timeout_s,
+        log_prints=True,
     )
+    if decl.io:
+        policy.update(
+            retries=IO_RETRIES,
+            retry_delay_seconds=IO_RETRY_DELAYS,
+            retry_jitter_factor=IO_RETRY_JITTER,
+            retry_condition_fn=retry_if_transient,
+        )
+    return task(fn, **{**policy, **options})
 
 
 def _logger() -> Any:
@@ -136,170 +143,67 @@ class Progress:
 
 
 # --------------------------------------------------------------------------------------------- the tasks
-def prepare(storage: str | None, dataset: str, options: dict | None = None) -> str:
-    """Prepare (or reuse) a dataset; returns its key."""
-    from locdiff.stages.datasets import prepare_dataset
-
-    bar = Progress("prepare", f"preparing {dataset}")
-    key = prepare_dataset(Store.from_uri(storage), dataset, options, progress=bar)
-    bar.done()
-    return key
-
-
-def embed(storage: str | None, dataset_key: str, encoder: str, options: dict | None = None) -> str:
-    """Embed every image of a dataset artifact with an encoder of the registry; returns the key."""
-    from locdiff.encoders import encoder_kwargs
-    from locdiff.stages.embeddings import embed_dataset
-    from locdiff.storage import Key
-
-    bar = Progress("embed", f"embedding {Key.parse(dataset_key).name} with {encoder}")
-    key = embed_dataset(
-        Store.from_uri(storage), dataset_key, progress=bar, **encoder_kwargs(encoder), **dict(options or {})
-    )
-    bar.done()
-    return key
+def build(stage: str, storage: str | None, spec, **runtime):
+    """Build ``stage``'s artifact of ``spec`` in ``storage`` (with a progress bar when the stage reports
+    progress); returns what the stage returns (its key)."""
+    decl = STAGE_DECLS[stage]
+    if decl.progress:
+        runtime["progress"] = bar = Progress(stage, f"{decl.task or stage}: {_label(spec)}")
+    out = decl.build(Store.from_uri(storage), spec, **runtime)
+    if decl.progress:
+        bar.done()
+    return out
 
 
-def embed_shards_todo(
-    storage: str | None, dataset_key: str, encoder: str, options: dict | None = None
-) -> list:
-    """The shard numbers of a dataset still to embed (for the Dask fan-out)."""
-    from locdiff.encoders import encoder_kwargs
-    from locdiff.stages.embeddings import shards_to_embed
-
-    return shards_to_embed(
-        Store.from_uri(storage), dataset_key, **encoder_kwargs(encoder), **dict(options or {})
-    )
+def _label(spec) -> str:
+    """What a progress bar names: the first of the spec's fields that says what is built."""
+    for field in ("name", "preset", "dataset", "dataset_key", "embeddings_key"):
+        if getattr(spec, field, None):
+            return str(getattr(spec, field))
+    return ""
 
 
-def embed_one_shard(
-    storage: str | None, dataset_key: str, shard: int, encoder: str, options: dict | None = None
-) -> int:
-    """Embed one shard and commit its part; returns its image count (runs on a Dask worker)."""
-    from locdiff.encoders import encoder_kwargs
-    from locdiff.stages.embeddings import embed_shard
+def _stage_fn(stage: str):
+    def run(storage: str | None, spec) -> Any:
+        return build(stage, storage, spec)
 
-    opts = {k: v for k, v in dict(options or {}).items() if k != "num_workers"}
-    return embed_shard(Store.from_uri(storage), dataset_key, shard, **encoder_kwargs(encoder), **opts)
+    run.__name__ = run.__qualname__ = STAGE_DECLS[stage].task or stage
+    run.__doc__ = f"Build the {stage} artifact of a {STAGE_DECLS[stage].spec.__name__}; returns its key."
+    return run
 
 
-def targets(storage: str | None, embeddings_key: str, max_degree: int) -> str:
-    """The SHDD target cache of degree L for an embeddings artifact; returns the key."""
-    from locdiff.stages.targets import build_targets
-
-    return build_targets(Store.from_uri(storage), embeddings_key, max_degree)
-
-
-def anchors(
-    storage: str | None, kind: str = "uniform", n: int = 10_000, source_key: str | None = None
-) -> str:
-    """An anchor-set artifact (uniform / a dataset's or embeddings' coordinates / land); returns the key."""
-    from locdiff.stages.anchors import build_anchor_set
-
-    return build_anchor_set(Store.from_uri(storage), kind, n, dataset_key=source_key)
-
-
-def retrieval(storage: str | None, embeddings_key: str, split: str = "train") -> str:
-    """The retrieval index (gallery) of one split of an embeddings artifact; returns the key."""
-    from locdiff.stages.retrieval import build_index
-
-    return build_index(Store.from_uri(storage), embeddings_key, split)
-
-
-def train(
-    storage: str | None,
-    embeddings_key: str,
-    config: LocDiffConfig,
-    targets_key: str | None = None,
-    anchors: dict[str, str] | None = None,
-    name: str | None = None,
-    preset: str | None = None,
-    stop_after_steps: int | None = None,
-    nproc: int | None = None,
-) -> str:
-    """Train (or resume, or reuse) a run; returns the run key.
-
-    ``nproc`` > 1 (default: ``$LOCDIFF_NPROC``, the work pools' job variable, else every visible GPU,
-    1 on the CPU) runs it under torchrun with that many DDP processes (``locdiff.ddp``)."""
+def train(storage: str | None, spec: TrainSpec) -> str:
+    """Train (or resume, or reuse) the run of ``spec``; returns the run key. ``spec.nproc`` > 1 (resolved
+    by ``locdiff.ddp.resolve_nproc``) trains under torchrun with that many DDP processes."""
     from locdiff.ddp import launch_train, resolve_nproc
     from locdiff.flows.training_chart import TrainingChart
-    from locdiff.stages.runs import train_run
 
-    chart = TrainingChart(config.train.max_steps, config.train.batch_size)
-    nproc = resolve_nproc(nproc, config.train.device)
+    chart = TrainingChart(spec.config.train.max_steps, spec.config.train.batch_size)
+    nproc = resolve_nproc(spec.nproc, spec.config.train.device)
     if nproc > 1:
-        return launch_train(
-            storage,
-            embeddings_key,
-            config,
-            nproc=nproc,
-            targets_key=targets_key,
-            anchors=anchors,
-            name=name,
-            preset=preset,
-            stop_after_steps=stop_after_steps,
-            log=_logger(),
-            on_curves=chart,
-        )
-    bar = Progress("train", f"training {name or preset or ''}".strip())
-    key = train_run(
-        Store.from_uri(storage),
-        embeddings_key,
-        config,
-        targets_key=targets_key,
-        anchors=anchors,
-        name=name,
-        preset=preset,
-        stop_after_steps=stop_after_steps,
-        progress=bar,
-        log=_logger(),
-        on_curves=chart,
-    )
-    bar.done()
-    return key
+        return launch_train(storage, spec, nproc=nproc, log=_logger(), on_curves=chart)
+    return build("runs", storage, spec, log=_logger(), on_curves=chart)
 
 
-def evaluate(
-    storage: str | None,
-    run_key: str,
-    embeddings_key: str,
-    split: str | None = "test",
-    dataset: str | None = None,
-    baselines: list[str] | None = None,
-    retrieval_key: str | None = None,
-    device: str | None = None,
-) -> str:
-    """Evaluate a committed run on one split of an embeddings artifact; returns the eval key (the
-    predictor on ``device``: None/auto = CUDA when available)."""
-    from locdiff.stages.evals import BASELINES, evaluate_run
+def embed_shards_todo(storage: str | None, spec: EmbedSpec) -> list:
+    """The shard numbers of a dataset still to embed (for the Dask fan-out)."""
+    from locdiff.stages.embeddings import shards_to_embed
 
-    bar = Progress("evaluate", f"evaluating on {dataset or embeddings_key}/{split or 'all'}")
-    key = evaluate_run(
-        Store.from_uri(storage),
-        run_key,
-        embeddings_key,
-        split=split,
-        dataset=dataset,
-        baselines=list(BASELINES if baselines is None else baselines),
-        progress=bar,
-        retrieval_key=retrieval_key,
-        device=device,
-    )
-    bar.done()
-    return key
+    return shards_to_embed(Store.from_uri(storage), **spec.build_kwargs())
 
 
-def report(
-    storage: str | None,
-    eval_keys: list[str],
-    title: str = "LocDiff evaluation",
-    notes: list[str] | None = None,
-) -> dict:
+def embed_one_shard(storage: str | None, spec: EmbedSpec, shard: int) -> int:
+    """Embed one shard and commit its part; returns its image count (runs on a Dask worker)."""
+    from locdiff.stages.embeddings import embed_shard
+
+    opts = {k: v for k, v in spec.build_kwargs().items() if k != "num_workers"}
+    return embed_shard(Store.from_uri(storage), shard=shard, **opts)
+
+
+def report(storage: str | None, spec) -> dict:
     """Write the report artifact and publish its table and markdown as Prefect artifacts."""
-    from locdiff.stages.reports import build_report
-
-    out = build_report(Store.from_uri(storage), eval_keys, title=title, notes=notes)
-    _publish(title, out)
+    out = build("reports", storage, spec)
+    _publish(spec.title, out)
     return out
 
 
@@ -331,28 +235,27 @@ def _publish(title: str, out: dict) -> None:
     )
 
 
-prepare_task = io_task(prepare, "datasets", timeout_seconds=48 * 3600, name="prepare-dataset")
+prepare_task = stage_task("datasets", _stage_fn("datasets"))
 # embedding resumes at shard granularity, so a retry redoes little
-embed_task = io_task(embed, "embeddings", timeout_seconds=48 * 3600, name="embed")
+embed_task = stage_task("embeddings", _stage_fn("embeddings"))
 # the Dask fan-out: not cached by Prefect (the store's part markers say what is done); a retry, or
 # Dask re-running the task of a lost worker, redoes one shard at most
 embed_todo_task = task(embed_shards_todo, name="embed-plan", cache_policy=NO_CACHE)
-embed_shard_task = task(
+embed_shard_task = stage_task(
+    "embeddings",
     embed_one_shard,
     name="embed-shard",
     cache_policy=NO_CACHE,
-    retries=IO_RETRIES,
+    persist_result=False,
     retry_delay_seconds=[1, 5, 20],
-    retry_condition_fn=retry_if_transient,
+    retry_jitter_factor=None,
     timeout_seconds=6 * 3600,
 )
-targets_task = io_task(targets, "targets", timeout_seconds=12 * 3600)
-anchors_task = io_task(anchors, "anchors", timeout_seconds=3600)
-retrieval_task = io_task(retrieval, "retrieval", timeout_seconds=6 * 3600)
+targets_task = stage_task("targets", _stage_fn("targets"))
+anchors_task = stage_task("anchors", _stage_fn("anchors"))
+retrieval_task = stage_task("retrieval", _stage_fn("retrieval"))
 # No retries: a failed training attempt resumes from its last checkpoint on the next run.
-train_task = task(train, name="train", cache_policy=stage_cache("runs"), persist_result=True, log_prints=True)
-evaluate_task = task(
-    evaluate, name="evaluate", cache_policy=stage_cache("eval"), persist_result=True, timeout_seconds=6 * 3600
-)
+train_task = stage_task("runs", train)
+evaluate_task = stage_task("eval", _stage_fn("eval"))
 # Not cached: cheap, and every run should publish its own table and markdown artifacts.
-report_task = task(report, name="report", cache_policy=NO_CACHE)
+report_task = stage_task("reports", report, cache_policy=NO_CACHE, persist_result=False)

@@ -99,7 +99,7 @@ def evaluate_run(
     *,
     split: str | None = "test",
     dataset: str | None = None,
-    baselines: list[str] | tuple[str, ...] = BASELINES,
+    baselines: list[str] | tuple[str, ...] | None = BASELINES,
     seed: int = 0,
     progress: Callable[[float, float], None] | None = None,
     retrieval_key: str | None = None,
@@ -113,6 +113,7 @@ def evaluate_run(
     from locdiff.embedstore import iter_embeddings
     from locdiff.inference import load_predictor, predict_embeddings
 
+    baselines = BASELINES if baselines is None else baselines
     unknown = sorted(set(baselines) - set(_BASELINE_KINDS))
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; allowed: {sorted(_BASELINE_KINDS)}")

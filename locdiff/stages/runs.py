@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import numpy as np
 
 from locdiff.errors import UserError
 from locdiff.inference import MODEL_FILE
-from locdiff.stages import VERSIONS, stage_key
-from locdiff.storage import Key, Lease, Store
+from locdiff.stages import get_or_build, stage_key
+from locdiff.storage import Key, Store
 from locdiff_core.config import LocDiffConfig
 
 STAGE = "runs"
@@ -147,30 +144,19 @@ def train_run(
     Under torchrun (``locdiff.ddp``) every rank calls this: all read the memory-mapped rows, rank 0
     alone opens the writer, resumes (the checkpoint is broadcast), checkpoints and commits.
     """
+    from locdiff import faults
     from locdiff.curves import live_every
-    from locdiff_core.checkpoint import to_bytes
-    from locdiff_core.train import train
+    from locdiff_core.checkpoint import CheckpointError, to_bytes
+    from locdiff_core.train import distributed_rank_world, train
 
     log = log or logging.getLogger("locdiff.runs")
     tc = config.train
     key, run_name, cfg, upstream, targets_key, anchors = _identity(
         store, embeddings_key, config, targets_key, anchors, name, preset
     )
-    if store.exists(key):
-        log.info("run %s is committed already; reusing it", key)
-        return key
-
-    from locdiff_core.checkpoint import CheckpointError
-    from locdiff_core.train import distributed_rank_world
-
     rank, world = distributed_rank_world()
-    # one trainer per run key at a time (a DDP launch is one trainer: its ranks do not take the lease)
-    on_wait = lambda owner: log.info("run %s is being trained by %s; waiting for it", key, owner)  # noqa: E731
-    lease = Lease(store, key, on_wait=on_wait) if world == 1 else nullcontext()
-    with lease:
-        if world == 1 and lease.committed:
-            log.info("run %s was committed by another process; reusing it", key)
-            return key
+
+    def build(w) -> None:  # w: rank 0's writer (None on the other ranks)
         train_data = load_geo(store, embeddings_key, "train", targets_key)
         if train_data.embed_dim != config.embed_dim:
             raise UserError(
@@ -187,111 +173,114 @@ def train_run(
         pools = anchor_pools(store, anchors, train_data) if "uniform" in anchors else None
         data_device = _data_device(config, train_data, data_on_device)
 
-        # rank 0 alone opens the writer (finds the checkpoint to resume from, writes, commits)
-        ctx = (
-            store.writer(key, version=VERSIONS[STAGE], config=cfg, upstream=upstream)
-            if rank == 0
-            else nullcontext()
-        )
-        with ctx as w:
-            found = _latest_part(store, w, key, tc.max_steps, tc.checkpoint_every) if rank == 0 else None
-            if world > 1:
-                found = _broadcast_resume(found)
-            start_step, resume = (found[0], found[1]) if found else (0, None)
-            if rank == 0:
-                if resume is not None:
-                    log.info(
-                        "resuming run %s from checkpoint at step %d (written by %d process(es); now %d)",
-                        key,
-                        start_step,
-                        int(resume.get("world_size", 1)),
-                        world,
-                    )
-                else:
-                    log.info(
-                        "starting run %s from step 0 (%d steps, %d process(es))", key, tc.max_steps, world
-                    )
-                if progress:
-                    progress(start_step, tc.max_steps)
-
-            def save(ckpt: dict) -> None:
-                if ckpt["step"] >= tc.max_steps:
-                    return  # the final one is written as model.pt below
-                rel = checkpoint_relpath(ckpt["step"])
-                w.write_bytes(rel, to_bytes(ckpt))
-                w.commit_part(rel)
-
-            live = _LiveCurves(w, key, resume, live_every(tc), on_curves) if rank == 0 else None
-
-            def on_event(event: dict) -> None:
-                _test_kill_hook(rank, event)
-                if rank != 0:
-                    return
-                live(event)
-                if event.get("event") == "train":
-                    if progress:
-                        progress(event["step"], tc.max_steps)
-                    log.info("step %d loss %.4f lr %.2e", event["step"], event["loss"], event["lr"])
-                elif event.get("event") == "val":
-                    log.info(
-                        "step %d val median %.0f km", event["step"], event.get("median_km", float("nan"))
-                    )
-
-            try:
-                result = train(
-                    config,
-                    train_data,
-                    val_data,
-                    checkpoint_callback=save if rank == 0 else None,
-                    resume_from=resume,
-                    progress=on_event,
-                    max_steps=stop_after_steps,
-                    anchor_pools=pools,
-                    data_device=data_device,
+        found = _latest_part(store, w, key, tc.max_steps, tc.checkpoint_every) if rank == 0 else None
+        if world > 1:
+            found = _broadcast_resume(found)
+        start_step, resume = (found[0], found[1]) if found else (0, None)
+        if rank == 0:
+            if resume is not None:
+                log.info(
+                    "resuming run %s from checkpoint at step %d (written by %d process(es); now %d)",
+                    key,
+                    start_step,
+                    int(resume.get("world_size", 1)),
+                    world,
                 )
-            except CheckpointError as exc:
-                written = int(resume.get("world_size", 1)) if isinstance(resume, dict) else 1
-                raise UserError(
-                    f"cannot resume run {key} from its step-{start_step} checkpoint (written by {written} "
-                    f"process(es), resumed by {world}): {exc}".replace("\n", " "),
-                    f"the world size may change, the config may not; delete {store.url}/{key} to start over",
-                ) from None
-            if result.step < tc.max_steps:
-                raise RuntimeError(
-                    f"training stopped at step {result.step} of {tc.max_steps} (stop_after_steps)"
-                )
+            else:
+                log.info("starting run %s from step 0 (%d steps, %d process(es))", key, tc.max_steps, world)
+            if progress:
+                progress(start_step, tc.max_steps)
+
+        def save(ckpt: dict) -> None:
+            if ckpt["step"] >= tc.max_steps:
+                return  # the final one is written as model.pt below
+            rel = checkpoint_relpath(ckpt["step"])
+            w.write_bytes(rel, to_bytes(ckpt))
+            w.commit_part(rel)
+
+        live = _LiveCurves(w, key, resume, live_every(tc), on_curves) if rank == 0 else None
+
+        def on_event(event: dict) -> None:
+            if event.get("event") == "train":
+                faults.point("runs:train-step")
             if rank != 0:
-                return key
-            calibration = None
-            if val_data is not None:  # the radius scales travel with the run (load_predictor uses them)
-                from locdiff.inference import checkpoint_predictor
-                from locdiff.stages.evals import _val_calibration
+                return
+            live(event)
+            if event.get("event") == "train":
+                if progress:
+                    progress(event["step"], tc.max_steps)
+                log.info("step %d loss %.4f lr %.2e", event["step"], event["loss"], event["lr"])
+            elif event.get("event") == "val":
+                log.info("step %d val median %.0f km", event["step"], event.get("median_km", float("nan")))
 
-                predictor = checkpoint_predictor(store, result.checkpoint, anchors.get("uniform"))
-                calibration = _val_calibration(store, predictor, embeddings_key, seed=0)
-                if calibration:
-                    log.info(
-                        "radius scales fitted on %d val rows: x%.3g (50 %%), x%.3g (90 %%)",
-                        calibration["val_n"],
-                        calibration["radius50_scale"],
-                        calibration["radius90_scale"],
-                    )
-            w.write_bytes(MODEL_FILE, to_bytes(result.checkpoint))
-            w.write_bytes("curves.json", json.dumps(result.curves).encode())
-            w.write_table("curves.parquet", curves_table(result.curves))
-            w.set(
-                start_step=start_step,
-                final_step=result.step,
-                preset=preset,
-                run_name=run_name,
-                embeddings=embeddings_key,
-                targets=targets_key,
-                anchors=anchors,
-                val_metrics=result.val_metrics,
-                radius_calibration=calibration,
-                world_size=world,
+        try:
+            result = train(
+                config,
+                train_data,
+                val_data,
+                checkpoint_callback=save if rank == 0 else None,
+                resume_from=resume,
+                progress=on_event,
+                max_steps=stop_after_steps,
+                anchor_pools=pools,
+                data_device=data_device,
             )
-    return key
+        except CheckpointError as exc:
+            written = int(resume.get("world_size", 1)) if isinstance(resume, dict) else 1
+            raise UserError(
+                f"cannot resume run {key} from its step-{start_step} checkpoint (written by {written} "
+                f"process(es), resumed by {world}): {exc}".replace("\n", " "),
+                f"the world size may change, the config may not; delete {store.url}/{key} to start over",
+            ) from None
+        if result.step < tc.max_steps:
+            raise RuntimeError(f"training stopped at step {result.step} of {tc.max_steps} (stop_after_steps)")
+        if rank != 0:
+            return
+        calibration = None
+        if val_data is not None:  # the radius scales travel with the run (load_predictor uses them)
+            from locdiff.inference import checkpoint_predictor
+            from locdiff.stages.evals import _val_calibration
+
+            predictor = checkpoint_predictor(store, result.checkpoint, anchors.get("uniform"))
+            calibration = _val_calibration(store, predictor, embeddings_key, seed=0)
+            if calibration:
+                log.info(
+                    "radius scales fitted on %d val rows: x%.3g (50 %%), x%.3g (90 %%)",
+                    calibration["val_n"],
+                    calibration["radius50_scale"],
+                    calibration["radius90_scale"],
+                )
+        w.write_bytes(MODEL_FILE, to_bytes(result.checkpoint))
+        w.write_bytes("curves.json", json.dumps(result.curves).encode())
+        w.write_table("curves.parquet", curves_table(result.curves))
+        w.set(
+            start_step=start_step,
+            final_step=result.step,
+            preset=preset,
+            run_name=run_name,
+            embeddings=embeddings_key,
+            targets=targets_key,
+            anchors=anchors,
+            val_metrics=result.val_metrics,
+            radius_calibration=calibration,
+            world_size=world,
+        )
+
+    # one trainer per run key at a time (a DDP launch is one trainer: its ranks do not take the lease);
+    # rank 0 alone opens the writer (finds the checkpoint to resume from, writes, commits)
+    on_wait = lambda owner: log.info("run %s is being trained by %s; waiting for it", key, owner)  # noqa: E731
+    return get_or_build(
+        store,
+        STAGE,
+        run_name,
+        cfg,
+        upstream,
+        build,
+        lease=world == 1,
+        on_wait=on_wait,
+        write=rank == 0,
+        log=log,
+    )
 
 
 class _LiveCurves:
@@ -398,18 +387,6 @@ class LiveWatcher:
             logging.getLogger("locdiff.runs").warning("training chart not refreshed: %s", exc)
             return False
         return True
-
-
-# Test hook: "RANK:STEP" makes that rank SIGKILL itself at that logged step (DDP failure tests).
-KILL_ENV = "LOCDIFF_TEST_KILL_RANK_AT"
-
-
-def _test_kill_hook(rank: int, event: dict) -> None:
-    spec = os.environ.get(KILL_ENV)
-    if spec and event.get("event") == "train":
-        r, s = (int(v) for v in spec.split(":"))
-        if r == rank and event["step"] >= s:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _broadcast_resume(found: tuple[int, dict] | None) -> tuple[int, dict] | None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from locdiff.flows.tasks import evaluate_task, report_task, retrieval_task, train_task
+from locdiff.stages import EvalSpec, ReportSpec, RetrievalSpec, TrainSpec
 from locdiff.storage import Store
 from tests.flows.conftest import run_inputs, tiny_config
 
@@ -18,7 +19,9 @@ BASELINES = ["most-common-region", "regression", "classification"]
 
 @pytest.fixture(scope="module")
 def run_key(store_uri, embeddings_key):
-    return train_task.fn(store_uri, embeddings_key, TINY, **run_inputs(store_uri, embeddings_key, TINY))
+    return train_task.fn(
+        store_uri, TrainSpec(embeddings_key, TINY, **run_inputs(store_uri, embeddings_key, TINY))
+    )
 
 
 def test_retrieval_index_is_the_normalised_training_split(store_uri, embeddings_key):
@@ -27,8 +30,8 @@ def test_retrieval_index_is_the_normalised_training_split(store_uri, embeddings_
     from locdiff_core.retrieval import normalize_rows
 
     store = Store.from_uri(store_uri)
-    key = retrieval_task.fn(store_uri, embeddings_key)
-    assert retrieval_task.fn(store_uri, embeddings_key) == key  # content-addressed: reused
+    key = retrieval_task.fn(store_uri, RetrievalSpec(embeddings_key))
+    assert retrieval_task.fn(store_uri, RetrievalSpec(embeddings_key)) == key  # content-addressed: reused
     assert store.manifest(key)["upstream"] == [embeddings_key]
     index = load_index(store, key)
     _, emb, lat, _ = load_embeddings(store, embeddings_key, "train")
@@ -46,10 +49,9 @@ def test_methods_side_by_side_with_credible_radii(store_uri, embeddings_key, run
     from locdiff.catalog import connect
 
     store = Store.from_uri(store_uri)
-    index_key = retrieval_task.fn(store_uri, embeddings_key)
-    eval_key = evaluate_task.fn(
-        store_uri, run_key, embeddings_key, "test", "synthetic", BASELINES, index_key
-    )
+    index_key = retrieval_task.fn(store_uri, RetrievalSpec(embeddings_key))
+    spec = EvalSpec(run_key, embeddings_key, "test", "synthetic", BASELINES, index_key)
+    eval_key = evaluate_task.fn(store_uri, spec)
     man = store.manifest(eval_key)
     assert index_key in man["upstream"]  # lineage: the evaluation rests on the index
     metrics = man["metrics"]
@@ -95,7 +97,7 @@ def test_methods_side_by_side_with_credible_radii(store_uri, embeddings_key, run
     )
     assert all(a == b or round(a, 9) in train_lats for a, b in h)
 
-    out = report_task.fn(store_uri, [eval_key], "methods report", [])
+    out = report_task.fn(store_uri, ReportSpec([eval_key], "methods report", []))
     assert "reliability-synthetic.png" in store.files(out["key"])
     md = store.open(out["key"], "report.md").read().decode()
     assert "GeoScore" in md and "| synthetic | locdiff-h |" in md and "calibrated" in md

@@ -8,6 +8,7 @@ import pytest
 from prefect import flow
 
 from locdiff.flows.tasks import train_task
+from locdiff.stages import EvalSpec, ReportSpec, TrainSpec
 from locdiff.storage import Store
 from tests.flows.conftest import run_inputs, tiny_config
 
@@ -33,8 +34,8 @@ def test_same_inputs_reuse_the_finished_stage(prefect_harness, store_uri, embedd
     @flow
     def twice():
         inputs = run_inputs(store_uri, embeddings_key, TINY)
-        a = train_task(store_uri, embeddings_key, TINY, **inputs, return_state=True)
-        b = train_task(store_uri, embeddings_key, TINY, **inputs, return_state=True)
+        a = train_task(store_uri, TrainSpec(embeddings_key, TINY, **inputs), return_state=True)
+        b = train_task(store_uri, TrainSpec(embeddings_key, TINY, **inputs), return_state=True)
         return a, b
 
     a, b = twice()
@@ -47,21 +48,11 @@ def test_same_inputs_reuse_the_finished_stage(prefect_harness, store_uri, embedd
 def test_stage_flows_publish_metrics_and_report(prefect_harness, store_uri, embeddings_key):
     from locdiff.flows.stages import evaluate_flow, report_flow, train_flow
 
-    run_key = train_flow(
-        storage=store_uri,
-        embeddings_key=embeddings_key,
-        config=TINY,
-        **run_inputs(store_uri, embeddings_key, TINY),
-    )
-    eval_key = evaluate_flow(
-        storage=store_uri,
-        run_key=run_key,
-        embeddings_key=embeddings_key,
-        split="test",
-        dataset="im2gps3k",
-        baselines=["most-common-region"],
-    )
-    out = report_flow(storage=store_uri, eval_keys=[eval_key], title="flow test")
+    spec = TrainSpec(embeddings_key, TINY, **run_inputs(store_uri, embeddings_key, TINY))
+    run_key = train_flow(storage=store_uri, spec=spec)
+    spec = EvalSpec(run_key, embeddings_key, "test", "im2gps3k", baselines=["most-common-region"])
+    eval_key = evaluate_flow(storage=store_uri, spec=spec)
+    out = report_flow(storage=store_uri, spec=ReportSpec([eval_key], title="flow test"))
     # published figures sit beside ours for a standard benchmark name
     assert any(
         r["source"].startswith("as published") and r["method"] == "LocDiff (paper)" for r in out["rows"]
@@ -75,12 +66,8 @@ def test_nightly_skips_absent_datasets_with_a_note(prefect_harness, store_uri, e
     from locdiff.flows.evaluate_latest import evaluate_latest
     from locdiff.flows.stages import train_flow
 
-    run_key = train_flow(
-        storage=store_uri,
-        embeddings_key=embeddings_key,
-        config=TINY,
-        **run_inputs(store_uri, embeddings_key, TINY),
-    )
+    spec = TrainSpec(embeddings_key, TINY, **run_inputs(store_uri, embeddings_key, TINY))
+    run_key = train_flow(storage=store_uri, spec=spec)
     out = evaluate_latest(datasets=["yfcc26k", "gws15k"], run_key=run_key, storage=store_uri)
     assert out["evaluations"] == []
     assert [n.split(":")[0] for n in out["notes"]] == ["yfcc26k", "gws15k"]

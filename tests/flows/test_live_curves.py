@@ -108,14 +108,14 @@ def _markdown_artifacts(key: str):
 @pytest.mark.slow
 def test_train_task_refreshes_one_chart_artifact_in_place(prefect_harness, store_uri, embeddings_key):
     from locdiff.flows.tasks import train_task
+    from locdiff.stages import TrainSpec
 
     cfg = tiny_config(max_steps=40, log_every=5, eval_every=20, eval_size=32, eval_samples=4, seed=7)
 
     @flow
     def train_flow():
-        return train_task(
-            store_uri, embeddings_key, cfg, **run_inputs(store_uri, embeddings_key, cfg), name="live"
-        )
+        inputs = run_inputs(store_uri, embeddings_key, cfg)
+        return train_task(store_uri, TrainSpec(embeddings_key, cfg, **inputs, name="live"))
 
     train_flow()
     found = _markdown_artifacts("training-live")

@@ -22,7 +22,7 @@ def _flaky(errors: list[BaseException], calls: list[int]):
 
 def _run(fn):
     # the I/O tasks' policy, without the waits and without the cache (each test calls it afresh)
-    t = tasks.io_task(fn, "datasets", timeout_seconds=60, name="flaky").with_options(
+    t = tasks.stage_task("datasets", fn, timeout_seconds=60, name="flaky").with_options(
         retry_delay_seconds=0, retry_jitter_factor=None, cache_policy=tasks.NO_CACHE
     )
 
@@ -41,8 +41,10 @@ def test_a_transient_error_is_retried_and_succeeds(prefect_harness):
 
 @pytest.mark.parametrize(
     "error",
-    [UserError("dataset 'mp16' is not in the store", "run `locdiff datasets prepare mp16`"),
-     ValueError("max_degree must be >= 1")],
+    [
+        UserError("dataset 'mp16' is not in the store", "run `locdiff datasets prepare mp16`"),
+        ValueError("max_degree must be >= 1"),
+    ],
 )
 def test_a_deterministic_error_fails_at_once(prefect_harness, error):
     calls: list[int] = []

@@ -17,6 +17,7 @@ from locdiff import faults
 from locdiff.datasets.bluemarble import build_bluemarble
 from locdiff.encoders import load_encoder
 from locdiff.errors import UserError
+from locdiff.stages import EmbedSpec
 from locdiff.stages.embeddings import embed_dataset
 from locdiff.storage import Store
 
@@ -57,9 +58,7 @@ def test_two_dask_workers_give_the_sequential_parts(prefect_harness, tmp_path, s
     dkey, seq_key, seq_files = sequential
     store = Store.from_uri(str(tmp_path / "dask"))
     assert build_bluemarble(store, **TINY) == dkey
-    key = embed_flow(
-        storage=store.url, dataset_key=dkey, encoder="efficientnet-lite0", options=OPTIONS, dask="local"
-    )
+    key = embed_flow(storage=store.url, spec=EmbedSpec(dkey, "efficientnet-lite0", OPTIONS), dask="local")
     assert key == seq_key
     files = _data_files(store, key)
     assert len(files) == 4 * 5 and files == seq_files  # byte-equal parts, arrays and skipped lists
@@ -99,13 +98,8 @@ def test_a_killed_dask_worker_loses_nothing(prefect_harness, tmp_path, sequentia
 
         t = threading.Thread(target=kill_one_after_first_part, daemon=True)
         t.start()
-        key = embed_flow(
-            storage=store.url,
-            dataset_key=dkey,
-            encoder="efficientnet-lite0",
-            options=OPTIONS,
-            dask=cluster.scheduler_address,
-        )
+        spec = EmbedSpec(dkey, "efficientnet-lite0", OPTIONS)
+        key = embed_flow(storage=store.url, spec=spec, dask=cluster.scheduler_address)
         t.join(timeout=10)
     assert killed, "no worker was killed: the test did not exercise the failure"
     assert key == seq_key and _data_files(store, key) == seq_files

@@ -13,9 +13,8 @@ from locdiff.datasets.synth import synth_embeddings
 from locdiff.ddp import resolve_nproc, torchrun_command
 from locdiff.errors import UserError
 from locdiff.inference import load_checkpoint
-from locdiff.stages import VERSIONS, stage_key
+from locdiff.stages import VERSIONS, TrainSpec, stage_key
 from locdiff.stages.runs import (
-    KILL_ENV,
     checkpoint_relpath,
     load_geo,
     run_key,
@@ -53,7 +52,7 @@ def test_two_ranks_equal_one_rank_and_resume_across_world_sizes(setup, monkeypat
 
     uri, store, key, inputs = setup
     one = train_run(store, key, CONFIG, **inputs, name="one")
-    two = launch_train(uri, key, CONFIG, nproc=2, **inputs, name="two")
+    two = launch_train(uri, TrainSpec(key, CONFIG, **inputs, name="two"), nproc=2)
     assert store.manifest(two)["world_size"] == 2 and store.manifest(one)["world_size"] == 1
     diff = _max_diff(store, one, two)
     print(f"max |w(2 ranks) - w(1 rank)| after {CONFIG.train.max_steps} steps: {diff:.3g}")
@@ -64,19 +63,19 @@ def test_two_ranks_equal_one_rank_and_resume_across_world_sizes(setup, monkeypat
     seen = []
     with pytest.raises(UserError, match=r"rank \d exited with status 1"):  # both ranks stop early
         launch_train(
-            uri, key, CONFIG, nproc=2, **inputs, name="live", stop_after_steps=10,
+            uri, TrainSpec(key, CONFIG, **inputs, name="live", stop_after_steps=10), nproc=2,
             on_curves=lambda k, c: seen.append((k, c)),
         )  # fmt: skip
     assert {k for k, _ in seen} == {run_key(store, key, CONFIG, name="live", **inputs)}
     assert seen[-1][1]["train"][-1]["step"] == 10
 
     # (b) rank 1 dies at step 10: one line naming it; checkpoints 4 and 8 were committed by rank 0
-    monkeypatch.setenv(KILL_ENV, "1:10")
+    monkeypatch.setenv("LOCDIFF_FAULT", "runs:train-step@rank1@10")  # log_every=1: its 10th step
     with pytest.raises(UserError) as err:
-        launch_train(uri, key, CONFIG, nproc=2, **inputs, name="killed")
+        launch_train(uri, TrainSpec(key, CONFIG, **inputs, name="killed"), nproc=2)
     assert "rank 1 was killed by SIGKILL" in err.value.message and "\n" not in err.value.message
     assert not store.list("runs") or all(m["name"] != "killed" for m in store.list("runs"))
-    monkeypatch.delenv(KILL_ENV)
+    monkeypatch.delenv("LOCDIFF_FAULT")
     # ... and the re-run, with one process, resumes from step 8 and lands where the others did
     resumed = train_run(store, key, CONFIG, **inputs, name="killed")
     man = store.manifest(resumed)
