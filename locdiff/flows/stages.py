@@ -1,6 +1,9 @@
 """One Prefect subflow per stage, ``flow(storage, spec)``: each calls its stage's task with the spec
 (``locdiff.stages``: one frozen dataclass of the stage's parameters) and returns what it returns (a store
-key, or the report summary). The Prefect UI shows every stage as its own flow run."""
+key, or the report summary). The Prefect UI shows every stage as its own flow run.
+
+A key is returned only while the store holds its artifact: when the Prefect result cache outlived it (a
+store wiped, moved or pruned under a kept ``.prefect``), the task runs again with its cache refreshed."""
 
 from __future__ import annotations
 
@@ -10,6 +13,17 @@ from prefect import flow, unmapped
 
 from locdiff.flows import tasks
 from locdiff.stages import STAGE_DECLS, EmbedSpec, TrainSpec
+from locdiff.storage import Store
+
+
+def run_task(task, storage: str | None, spec, refresh: bool = False) -> Any:
+    """``task(storage=..., spec=...)``, again with the cache refreshed when it returned (from the cache) a
+    key whose artifact the store no longer holds."""
+    out = (task.with_options(refresh_cache=True) if refresh else task)(storage=storage, spec=spec)
+    if not refresh and isinstance(out, str) and not Store.from_uri(storage).exists(out):
+        print(f"{out} is no longer in the store (the cached result outlived it): building it again")
+        out = task.with_options(refresh_cache=True)(storage=storage, spec=spec)
+    return out
 
 
 def stage_flow(stage: str, name: str, task):
@@ -17,7 +31,7 @@ def stage_flow(stage: str, name: str, task):
     spec_type = STAGE_DECLS[stage].spec
 
     def run(storage: str | None, spec) -> Any:
-        return task(storage=storage, spec=spec)
+        return run_task(task, storage, spec)
 
     run.__annotations__ = {"storage": str | None, "spec": spec_type, "return": Any}
     run.__name__ = run.__qualname__ = f"{stage}_flow"
@@ -43,7 +57,7 @@ def embed_flow(storage: str | None, spec: EmbedSpec, dask: str | None = None, da
     """
     if dask:
         _embed_shards_flow(storage, spec, dask, dask_workers)
-    return tasks.embed_task(storage=storage, spec=spec)
+    return run_task(tasks.embed_task, storage, spec)
 
 
 def _embed_shards_flow(storage: str | None, spec: EmbedSpec, dask: str, workers: int) -> None:
@@ -104,5 +118,4 @@ def check_dask_address(address: str, timeout_s: float = 5.0) -> None:
 def train_flow(storage: str | None, spec: TrainSpec, refresh: bool = False) -> str:
     """Returns the run key; a re-run after a crash resumes from the run's newest checkpoint. ``refresh``:
     bypass the Prefect cache (the store still reuses a committed run)."""
-    t = tasks.train_task.with_options(refresh_cache=True) if refresh else tasks.train_task
-    return t(storage=storage, spec=spec)
+    return run_task(tasks.train_task, storage, spec, refresh)

@@ -72,3 +72,25 @@ def test_nightly_skips_absent_datasets_with_a_note(prefect_harness, store_uri, e
     assert out["evaluations"] == []
     assert [n.split(":")[0] for n in out["notes"]] == ["yfcc26k", "gws15k"]
     assert all("not present locally" in n for n in out["notes"])
+
+
+def test_a_cached_key_whose_artifact_is_gone_is_built_again(prefect_harness, tmp_path):
+    """The Prefect result cache outlives a wiped store: the subflow must not hand on a dangling key."""
+    from locdiff.flows.stages import anchors_flow
+    from locdiff.flows.tasks import anchors_task
+    from locdiff.stages import AnchorsSpec
+
+    uri = "file://" + str(tmp_path / "store")
+    spec = AnchorsSpec("uniform", 321)
+    key = anchors_flow(storage=uri, spec=spec)
+    store = Store.from_uri(uri)
+
+    @flow
+    def cached_state():
+        return anchors_task(storage=uri, spec=spec, return_state=True)
+
+    assert cached_state().name == "Cached"  # the same inputs hit Prefect's cache
+    store.delete(key)
+    assert not store.exists(key)
+    assert anchors_flow(storage=uri, spec=spec) == key
+    assert store.exists(key)  # rebuilt, not the dangling cached key
