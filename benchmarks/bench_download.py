@@ -90,7 +90,7 @@ def thread_floor(urls: list[str], threads: int) -> tuple[float, int]:
 
 
 def _resize(data: bytes) -> bytes:
-    from locdiff.datasets.downloader import process_image
+    from locdiff.datasets.images import process_image
 
     return process_image(data, 224, 95)[0]
 

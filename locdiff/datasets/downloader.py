@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import os
 import random
 import sys
@@ -50,7 +49,6 @@ from locdiff.errors import UserError
 from locdiff.storage import ArtifactWriter, Store
 
 DEFAULT_IMAGE_SIZE = 224
-_KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 
 
 @dataclass(frozen=True)
@@ -126,47 +124,15 @@ class DownloadOptions:
 
 
 # --------------------------------------------------------------------------------------------- CPU side
-def process_image(data: bytes, size: int | None, quality: int) -> tuple[bytes, str]:
-    """Check (full decode, bomb limits) and resize one downloaded image; returns (bytes, extension).
-
-    Raises SkipImage with the reason for anything unusable. Runs in a worker process."""
-    from PIL import Image
-
-    from locdiff.datasets.images import ImageError, decode_image
-
-    try:
-        with Image.open(io.BytesIO(data)) as head:  # header only: the original size and format
-            w, h, fmt = head.size[0], head.size[1], head.format
-    except Exception:  # noqa: BLE001 - decode_image below names the problem
-        w = h = 0
-        fmt = None
-    small = size is None or (0 < min(w, h) <= size)
-    try:
-        im = decode_image(data, draft=None if small else size)
-    except ImageError as exc:
-        raise SkipImage(exc.reason) from None
-    with im:
-        if small and fmt in _KEEP_FORMATS:
-            return data, _KEEP_FORMATS[fmt]
-        if im.mode != "RGB":
-            im = im.convert("RGB")
-        iw, ih = im.size
-        scale = (size or min(iw, ih)) / min(iw, ih)
-        if scale < 1:
-            # bilinear with Pillow's support scaled to the reduction (antialiased, like OpenCV's
-            # INTER_AREA that img2dataset uses): 35 % less CPU than bicubic, the largest cost here
-            im = im.resize((max(1, round(iw * scale)), max(1, round(ih * scale))), Image.Resampling.BILINEAR)
-        out = io.BytesIO()
-        im.save(out, "JPEG", quality=quality)
-        return out.getvalue(), "jpg"
-
-
 def _process_job(args: tuple[bytes, int | None, int]) -> tuple[str, str | None, bytes | None, str]:
+    """:func:`~locdiff.datasets.images.process_image` in a worker process, its refusal as a status."""
+    from locdiff.datasets.images import ImageError, process_image
+
     try:
         data, ext = process_image(*args)
         return "ok", None, data, ext
-    except SkipImage as exc:
-        return "skipped", str(exc), None, ""
+    except ImageError as exc:
+        return "skipped", exc.reason, None, ""
 
 
 # --------------------------------------------------------------------------------------------- progress
@@ -517,27 +483,3 @@ def _batches(records: Iterable[ImageRecord], size: int):
             batch = []
     if batch:
         yield batch
-
-
-class NothingRecovered(Exception):
-    """A retry build that fetched its failed samples again and got none of them: not committed."""
-
-
-def retry_target(
-    store: Store, stage: str, name: str, version: str, config: dict
-) -> tuple[str, dict, str | None]:
-    """The key to build for ``config`` and the committed build it retries, if any.
-
-    A committed build with transient failures (``n_failed``) is never rewritten: the next build of the
-    same rows gets the key of ``config + {"retry_of": that key}``; it copies that build's shards and
-    fetches only the failed samples. Returns (key, config, previous key); ``previous`` is None when the
-    key is new, or committed without failures (then there is nothing to do)."""
-    key = store.key(stage, name, version, config)
-    previous = None
-    while store.exists(key):
-        if not store.manifest(key).get("n_failed"):
-            return key, config, None
-        previous = key
-        config = {**config, "retry_of": key}
-        key = store.key(stage, name, version, config)
-    return key, config, previous

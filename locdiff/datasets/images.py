@@ -101,3 +101,37 @@ def decode_image(
             raise ImageError(f"decompression bomb ({exc})", too_large=True) from None
         raise ImageError(f"undecodable image ({type(exc).__name__}: {exc})"[:300]) from None
     return im
+
+
+# formats a download small enough is stored in as fetched (and their file extensions)
+_KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+
+
+def process_image(data: bytes, size: int | None, quality: int) -> tuple[bytes, str]:
+    """Check (full decode, bomb limits) and resize one downloaded image; returns (bytes, extension).
+
+    Raises :class:`ImageError` with the reason for anything unusable (the downloader's worker processes
+    run it on every fetched image)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as head:  # header only: the original size and format
+            w, h, fmt = head.size[0], head.size[1], head.format
+    except Exception:  # noqa: BLE001 - decode_image below names the problem
+        w = h = 0
+        fmt = None
+    small = size is None or (0 < min(w, h) <= size)
+    with decode_image(data, draft=None if small else size) as im:
+        if small and fmt in _KEEP_FORMATS:
+            return data, _KEEP_FORMATS[fmt]
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        iw, ih = im.size
+        scale = (size or min(iw, ih)) / min(iw, ih)
+        if scale < 1:
+            # bilinear with Pillow's support scaled to the reduction (antialiased, like OpenCV's
+            # INTER_AREA that img2dataset uses): 35 % less CPU than bicubic, the largest cost here
+            im = im.resize((max(1, round(iw * scale)), max(1, round(ih * scale))), Image.Resampling.BILINEAR)
+        out = io.BytesIO()
+        im.save(out, "JPEG", quality=quality)
+        return out.getvalue(), "jpg"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from locdiff.datasets.archives import check_archive
 from locdiff.datasets.download import RetryPolicy, safe_extract
-from locdiff.datasets.downloader import DownloadOptions, NothingRecovered, download_dataset, retry_target
+from locdiff.datasets.downloader import DownloadOptions, download_dataset
 from locdiff.datasets.images import MAX_MANIFEST_BYTES, ImageError, read_user_file
 from locdiff.datasets.registry import REGISTRY, hashed_val
 from locdiff.datasets.shards import DEFAULT_SHARD_SIZE, ImageRecord, SkipImage, write_dataset
@@ -135,6 +135,30 @@ class _Resolver:
             except OSError:
                 h.update(f"{ref}\0missing\n".encode())
         return h.hexdigest()
+
+
+class NothingRecovered(Exception):
+    """A retry build that fetched its failed samples again and got none of them: not committed."""
+
+
+def retry_target(
+    store: Store, stage: str, name: str, version: str, config: dict
+) -> tuple[str, dict, str | None]:
+    """The key to build for ``config`` and the committed build it retries, if any.
+
+    A committed build with transient failures (``n_failed``) is never rewritten: the next build of the
+    same rows gets the key of ``config + {"retry_of": that key}``; it copies that build's shards and
+    fetches only the failed samples. Returns (key, config, previous key); ``previous`` is None when the
+    key is new, or committed without failures (then there is nothing to do)."""
+    key = store.key(stage, name, version, config)
+    previous = None
+    while store.exists(key):
+        if not store.manifest(key).get("n_failed"):
+            return key, config, None
+        previous = key
+        config = {**config, "retry_of": key}
+        key = store.key(stage, name, version, config)
+    return key, config, previous
 
 
 def prepare_from_manifest(

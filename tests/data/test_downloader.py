@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from locdiff.datasets.download import RetryPolicy
-from locdiff.datasets.downloader import DownloadOptions, SkipImage, process_image
+from locdiff.datasets.downloader import DownloadOptions
+from locdiff.datasets.images import ImageError, process_image
 from locdiff.datasets.prepare import DatasetBuildError, prepare_from_manifest
 from locdiff.datasets.shards import iter_shard, read_image, read_manifest, shards
 from locdiff.errors import UserError
@@ -65,7 +66,7 @@ def test_resize_keeps_the_aspect_ratio_and_small_images_byte_for_byte():
     assert process_image(small, 224, 95) == (small, "png")
     big = image(800, 600)
     assert process_image(big, None, 95) == (big, "jpg")  # keep the original when asked
-    with pytest.raises(SkipImage, match="undecodable"):
+    with pytest.raises(ImageError, match="undecodable"):
         process_image(big[:200], 224, 95)
     with pytest.raises(UserError, match="image_size"):
         DownloadOptions(image_size=4)
