@@ -31,8 +31,6 @@ from pathlib import Path
 
 from locdiff.errors import UserError
 
-NPROC_ENV = "LOCDIFF_NPROC"  # the work pools' job variable (infra/work-pools) sets it to the GPU count
-
 
 def _cuda_training(device: str = "auto") -> bool:
     from locdiff_core.device import resolve_device
@@ -50,17 +48,9 @@ def max_nproc(device: str = "auto") -> int:
 
 
 def resolve_nproc(nproc: int | None, device: str = "auto") -> int:
-    """``nproc`` (else ``$LOCDIFF_NPROC``, the GPU work pools' job variable, else auto: every visible GPU
-    when training on CUDA, 1 on the CPU), checked against :func:`max_nproc`."""
-    if nproc is None:
-        raw = os.environ.get(NPROC_ENV, "").strip()
-        try:
-            nproc = int(raw) if raw else (max_nproc(device) if _cuda_training(device) else 1)
-        except ValueError:
-            raise UserError(
-                f"{NPROC_ENV}={raw!r} is not an integer", "set it to the number of GPUs"
-            ) from None
-    nproc = int(nproc)
+    """``nproc`` (None: auto, every visible GPU when training on CUDA, 1 on the CPU), checked against
+    :func:`max_nproc`."""
+    nproc = int(nproc) if nproc is not None else max_nproc(device) if _cuda_training(device) else 1
     limit = max_nproc(device)
     what = "GPUs" if _cuda_training(device) else "CPU cores"
     if nproc < 1:

@@ -96,7 +96,7 @@ class TrainSpec:
     name: str | None = None
     preset: str | None = None
     stop_after_steps: int | None = None
-    # processes under torchrun (locdiff.ddp; None: $LOCDIFF_NPROC, else every visible GPU, 1 on the CPU)
+    # processes under torchrun (locdiff.ddp; None: every visible GPU, 1 on the CPU)
     nproc: int | None = dataclasses.field(default=None, metadata=LAUNCH)
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from locdiff.ddp import NPROC_ENV, resolve_nproc
+from locdiff.ddp import resolve_nproc
 from locdiff.flows.evaluate_latest import evaluate_latest
 from locdiff.flows.pipeline import BENCHMARKS
 from locdiff.flows.train_mp16 import train_mp16
@@ -49,13 +49,11 @@ def test_prefect_yaml_deploys_the_flows_defaults():
 
 
 def test_device_and_nproc_auto_on_this_machine(monkeypatch):
-    monkeypatch.delenv(NPROC_ENV, raising=False)
+    monkeypatch.setenv("LOCDIFF_NPROC", "2")  # no longer read: nproc is a parameter, never the environment
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     assert resolve_device("auto").type == ("cuda" if gpus else "cpu")
     assert resolve_nproc(None, "auto") == (gpus or 1)
     assert resolve_nproc(None, "cpu") == 1
-    monkeypatch.setenv(NPROC_ENV, "2")  # the GPU work pools' job variable still sets it
-    assert resolve_nproc(None, "cpu") == 2
 
 
 def test_bf16_without_cuda_is_logged_not_ignored(caplog):

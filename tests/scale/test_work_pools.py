@@ -13,7 +13,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from locdiff.ddp import NPROC_ENV, torchrun_command
+from locdiff.ddp import torchrun_command
 
 POOLS = Path(__file__).resolve().parents[2] / "infra" / "work-pools"
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -71,26 +71,25 @@ def test_kubernetes_renders_gpus_and_the_torchrun_launch():
     from prefect_kubernetes.worker import KubernetesWorker
 
     template = json.loads((POOLS / "kubernetes-gpu.json").read_text())
-    cfg = _render(KubernetesWorker, template, {"gpus": 2, "nproc": "2", "image": "reg/locdiff-worker:0.1"})
+    cfg = _render(KubernetesWorker, template, {"gpus": 2, "image": "reg/locdiff-worker:0.1"})
     pod = cfg.job_manifest["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["image"] == "reg/locdiff-worker:0.1"
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 2 == c["resources"]["requests"]["nvidia.com/gpu"]
     assert " ".join(c["args"]) == "prefect flow-run execute"  # the command the pod runs
     env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env[NPROC_ENV] == "2" and "PREFECT__FLOW_RUN_ID" in env
-    # ... and what the train task then runs inside it
-    assert "--nproc-per-node=2" in torchrun_command(int(env[NPROC_ENV]), "spec.json")
+    assert "PREFECT__FLOW_RUN_ID" in env and not any("NPROC" in k for k in env)  # nproc: every visible GPU
+    # ... and what the train task then runs inside it, on the pod's 2 GPUs
+    assert "--nproc-per-node=2" in torchrun_command(2, "spec.json")
 
 
 def test_docker_renders_gpus_and_the_torchrun_launch():
     from prefect_docker.worker import DockerWorker
 
     template = json.loads((POOLS / "docker-gpu.json").read_text())
-    env = {**_defaults(template["variables"])["env"], NPROC_ENV: "4"}
-    cfg = _render(DockerWorker, template, {"gpus": 4, "env": env})
+    cfg = _render(DockerWorker, template, {"gpus": 4})
     req = cfg.container_create_kwargs["device_requests"][0]
     assert req["Count"] == 4 and req["Capabilities"] == [["gpu"]]
     assert cfg.command == "prefect flow-run execute"
-    assert cfg.env[NPROC_ENV] == "4" and "PREFECT__FLOW_RUN_ID" in cfg.env
-    assert "--nproc-per-node=4" in torchrun_command(int(cfg.env[NPROC_ENV]), "spec.json")
+    assert "PREFECT__FLOW_RUN_ID" in cfg.env and not any("NPROC" in k for k in cfg.env)
+    assert "--nproc-per-node=4" in torchrun_command(4, "spec.json")
