@@ -28,7 +28,7 @@ from locdiff.datasets.registry import REGISTRY, hashed_val
 from locdiff.datasets.shards import DEFAULT_SHARD_SIZE, ImageRecord, SkipImage, write_dataset
 from locdiff.datasets.validate import validate_file
 from locdiff.errors import UserError
-from locdiff.stages import VERSIONS
+from locdiff.stages import VERSIONS, get_or_build
 from locdiff.storage import Store
 
 STAGE = "datasets"
@@ -315,10 +315,7 @@ def prepare_from_manifest(
                 extra={c: (None if r[c] is None else str(r[c])) for c in extra_cols},
             )
 
-    with (
-        contextlib.suppress(NothingRecovered),
-        store.writer(key, version=VERSION, config=config, resume=not force) as w,
-    ):
+    def build(w) -> None:
         if remote:
             summary = _download(w, records(), resolver, download, len(table), shard_size, previous)
         else:
@@ -352,6 +349,9 @@ def prepare_from_manifest(
             dead_links=[d["source"] for d in dead],
             notes=val.notes,
         )
+
+    with contextlib.suppress(NothingRecovered):  # the shared key -> committed? -> writer -> commit path
+        get_or_build(store, STAGE, name, config, [], build)  # the key computed above
     if previous is not None and not store.exists(key):  # a retry that got none of its failures back
         print(f"{previous}: none of its failed downloads came back; kept as it is", file=sys.stderr)
         return previous
