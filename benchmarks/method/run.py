@@ -23,7 +23,8 @@ query embedding against every training embedding -> coordinates of the nearest, 
 top-k), ``most_common_cell``.
 
 Caching (reruns compute only what is missing): per (row, seed) a JSON of metrics under
-``<cache>/results/``; trained LocDiff models under ``<cache>/models/``, keyed by everything that
+``<cache>/results/`` (LocDiff rows keyed with the pipeline's eval version too, so a decoder change
+recomputes them); trained LocDiff models under ``<cache>/models/``, keyed by everything that
 affects training (embeddings key, config without its ``infer`` section, seed), so rows that differ
 only in inference settings (K, S, guidance, ρ, EMA, decoder anchors) share one trained model.
 ``<cache>`` defaults to ``<project>/data/bench/method``.
@@ -414,9 +415,14 @@ def run_row_seed(cfg: dict, row: dict, seed: int, emb_key: str, splits: dict, ca
 
 
 def result_key(cfg: dict, row: dict, seed: int, emb_key: str) -> str:
+    from locdiff.stages import VERSIONS
+
     spec = {k: v for k, v in row.items() if k not in ("group", "note", "seeds")}
     if row["method"] in ("locdiff", "locdiff-h"):
         spec["resolved"] = resolved_locdiff_config(cfg, row, seed).to_dict()
+        # the decoder's figures move with the pipeline's eval version (bumped when decoding changes):
+        # cached rows decoded by an older decoder are recomputed (their trained models are reused)
+        spec["decoder"] = VERSIONS["eval"]
     else:
         spec["budget"] = {k: v for k, v in cfg["budget"].items() if k != "infer"}  # LocDiff-only settings
     data = {k: v for k, v in cfg["data"].items() if k not in ("store", "extra_splits")}
