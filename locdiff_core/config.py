@@ -212,8 +212,9 @@ class InferConfig:
     hybrid_rule: str = "best"
     hybrid_modes: int = 5
     # mode-mass gate in [0, 1): of those modes, the ones after the first whose mass (`modes_mass`, after
-    # `mass_calibration`) is below it propose no region; the first always does. 0 = every mode proposes
-    hybrid_min_mass: float = 0.0
+    # `mass_calibration`) is below it propose no region; the first always does; 0 = every mode proposes.
+    # 0.2 chosen on `val` for R = 200 km (docs/results.md, "Mode-mass gate"; at R = 1000 km 0.1 is best)
+    hybrid_min_mass: float = 0.2
     hybrid_candidates: int = 256
     # "similarity": cosine to the run's own training images (the retrieval index); "geoclip": GeoCLIP's
     # pretrained image–location scorer over its 100 K MP16 gallery (CLIP ViT-L/14 features only)
