@@ -133,6 +133,7 @@ def predict_embeddings(
         sim, idx = retrieval.search(emb, inf.hybrid_candidates)  # [N, C], best first
         nb_lat, nb_lon = retrieval.lat_deg[idx], retrieval.lon_deg[idx]  # [N, C]
         m = inf.hybrid_modes
+        mass = torch.from_numpy(np.asarray(out["modes_mass"][:, :m], dtype=np.float64))
         h = hybrid_from_neighbours(
             torch.from_numpy(out["pred_lat"]).double(),
             torch.from_numpy(out["pred_lon"]).double(),
@@ -143,9 +144,11 @@ def predict_embeddings(
             nb_lon,
             radius_km=inf.hybrid_radius_km,
             rule=inf.hybrid_rule,
+            modes_mass=mass,
+            min_mass=inf.hybrid_min_mass,
         )
         if inf.hybrid_scorer == "geoclip":
-            h = _geoclip_hybrid(predictor, emb_t, out, m, inf.hybrid_radius_km)
+            h = _geoclip_hybrid(predictor, emb_t, out, m, inf.hybrid_radius_km, inf.hybrid_min_mass)
         out.update(
             hybrid_lat=h.lat_deg.numpy(),
             hybrid_lon=h.lon_deg.numpy(),
@@ -157,7 +160,7 @@ def predict_embeddings(
     return out
 
 
-def _geoclip_hybrid(predictor, emb_t, out: dict, n_modes: int, radius_km: float):
+def _geoclip_hybrid(predictor, emb_t, out: dict, n_modes: int, radius_km: float, min_mass: float):
     """LocDiff-H scored by GeoCLIP (its image head + location encoder over its 100 K gallery)."""
     import torch
 
@@ -178,6 +181,8 @@ def _geoclip_hybrid(predictor, emb_t, out: dict, n_modes: int, radius_km: float)
         torch.from_numpy(out["modes_lon"][:, :n_modes]).double(),
         GeoCLIPScorer(),
         radius_km=radius_km,
+        modes_mass=torch.from_numpy(np.asarray(out["modes_mass"][:, :n_modes], dtype=np.float64)),
+        min_mass=min_mass,
     )
 
 

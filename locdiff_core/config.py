@@ -211,6 +211,10 @@ class InferConfig:
     hybrid_radius_km: float = 200.0
     hybrid_rule: str = "best"
     hybrid_modes: int = 5
+    # mode-mass gate in [0, 1): of those modes, the ones after the first whose mass (`modes_mass`, after
+    # `mass_calibration`) is below it propose no region; the first always does; 0 = every mode proposes.
+    # 0.2 chosen on `val` for R = 200 km (docs/results.md, "Mode-mass gate"; at R = 1000 km 0.1 is best)
+    hybrid_min_mass: float = 0.2
     hybrid_candidates: int = 256
     # "similarity": cosine to the run's own training images (the retrieval index); "geoclip": GeoCLIP's
     # pretrained image–location scorer over its 100 K MP16 gallery (CLIP ViT-L/14 features only)
@@ -242,6 +246,8 @@ class InferConfig:
             "radius90_scale",
         ):
             _check_positive(f"infer.{name}", getattr(self, name))
+        if not 0.0 <= self.hybrid_min_mass < 1.0:
+            raise ValueError(f"infer.hybrid_min_mass={self.hybrid_min_mass} must be in [0, 1)")
         _check_choice("infer.hybrid_rule", self.hybrid_rule, ("best", "vote"))
         _check_choice("infer.hybrid_scorer", self.hybrid_scorer, ("similarity", "geoclip"))
         for name in ("num_samples", "num_steps", "top_k", "batch_size"):

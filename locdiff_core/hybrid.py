@@ -117,6 +117,27 @@ class ModeHybridResult:
     n_candidates: Tensor  # [B] long: neighbours that fell within the radius of a mode
 
 
+def gate_modes(
+    modes_lat_deg: Tensor, modes_lon_deg: Tensor, modes_mass: Tensor | None, min_mass: float
+) -> tuple[Tensor, Tensor]:
+    """The modes ``[B, M]`` that propose a region: those after the first whose mass ``[B, M]`` is below
+    ``min_mass`` become NaN (no region); the first mode always proposes. ``min_mass`` 0 or no masses:
+    every mode, as given."""
+    if not 0.0 <= min_mass < 1.0:
+        raise ValueError(f"min_mass={min_mass} must be in [0, 1)")
+    if modes_mass is None or min_mass <= 0.0:
+        return modes_lat_deg, modes_lon_deg
+    if modes_mass.shape != modes_lat_deg.shape:
+        raise ValueError(
+            f"modes_mass must match the modes' shape {tuple(modes_lat_deg.shape)}, "
+            f"got {tuple(modes_mass.shape)}"
+        )
+    weak = modes_mass < min_mass  # NaN masses compare False: such modes are NaN already
+    weak[:, :1] = False
+    nan = torch.tensor(float("nan"), dtype=modes_lat_deg.dtype)
+    return torch.where(weak, nan, modes_lat_deg), torch.where(weak, nan, modes_lon_deg)
+
+
 @torch.inference_mode()
 def hybrid_from_neighbours(
     pred_lat_deg: Tensor,
@@ -130,6 +151,8 @@ def hybrid_from_neighbours(
     radius_km: float = 200.0,
     rule: str = "best",
     vote_km: float = 25.0,
+    modes_mass: Tensor | None = None,
+    min_mass: float = 0.0,
 ) -> ModeHybridResult:
     """LocDiff-H over an image's nearest gallery neighbours (by embedding similarity).
 
@@ -137,6 +160,8 @@ def hybrid_from_neighbours(
     candidate when it lies within ``radius_km`` of any mode. ``rule="best"``: the most similar candidate;
     ``rule="vote"``: the candidate whose ``vote_km`` neighbourhood (among candidates) carries the most
     similarity (clamped at 0), ties to the more similar one. No candidate: LocDiff's own prediction.
+    With ``modes_mass`` ``[B, M]``, modes after the first with mass below ``min_mass`` propose nothing
+    (:func:`gate_modes`).
     With the neighbours sorted by similarity and the exact top-N, ``best`` equals the exact answer over
     the whole gallery whenever at least one of the N lies in a proposed region.
     """
@@ -152,6 +177,7 @@ def hybrid_from_neighbours(
             f"modes must be [B, M] and predictions [B] with B = {b}, got {tuple(modes_lat_deg.shape)} and "
             f"{tuple(pred_lat_deg.shape)}"
         )
+    modes_lat_deg, modes_lon_deg = gate_modes(modes_lat_deg, modes_lon_deg, modes_mass, min_mass)
     cos_r = math.cos(min(radius_km / EARTH_RADIUS_KM, math.pi))
     m_ok = torch.isfinite(modes_lat_deg) & torch.isfinite(modes_lon_deg)  # [B, M]
     m_xyz = latlon_to_xyz(
@@ -185,12 +211,16 @@ def hybrid_modes_with_scorer(
     modes_lon_deg: Tensor,
     scorer: GalleryScorer,
     radius_km: float = 200.0,
+    modes_mass: Tensor | None = None,
+    min_mass: float = 0.0,
 ) -> HybridResult:
     """LocDiff-H with a gallery scorer (e.g. GeoCLIP's image–location similarity): the scorer's gallery
     points within ``radius_km`` of any of LocDiff's modes ``[B, M]`` (NaN = none) are candidates; the
-    best-scoring one answers, else LocDiff's own prediction."""
+    best-scoring one answers, else LocDiff's own prediction. ``modes_mass``/``min_mass``: as
+    :func:`hybrid_from_neighbours`."""
     if radius_km <= 0:
         raise ValueError(f"radius_km={radius_km} must be > 0")
+    modes_lat_deg, modes_lon_deg = gate_modes(modes_lat_deg, modes_lon_deg, modes_mass, min_mass)
     b = emb.shape[0]
     g_lat, g_lon = scorer.gallery_lat_deg, scorer.gallery_lon_deg
     mask = torch.zeros(b, g_lat.shape[0], dtype=torch.bool)

@@ -337,6 +337,8 @@ def run_row_seed(cfg: dict, row: dict, seed: int, emb_key: str, splits: dict, ca
                     g_lon[idx],
                     radius_km=inf.hybrid_radius_km,
                     rule=inf.hybrid_rule,
+                    modes_mass=dec.modes_mass[:, :m].double(),
+                    min_mass=inf.hybrid_min_mass,
                 )
                 return h.lat_deg, h.lon_deg
 
@@ -420,6 +422,8 @@ def result_key(cfg: dict, row: dict, seed: int, emb_key: str) -> str:
     spec = {k: v for k, v in row.items() if k not in ("group", "note", "seeds")}
     if row["method"] in ("locdiff", "locdiff-h"):
         spec["resolved"] = resolved_locdiff_config(cfg, row, seed).to_dict()
+        if not spec["resolved"]["infer"]["hybrid_min_mass"]:  # no gate: the keys from before the field
+            del spec["resolved"]["infer"]["hybrid_min_mass"]
         # the decoder's figures move with the pipeline's eval version (bumped when decoding changes):
         # cached rows decoded by an older decoder are recomputed (their trained models are reused)
         spec["decoder"] = VERSIONS["eval"]

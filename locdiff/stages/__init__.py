@@ -171,8 +171,9 @@ STAGE_DECLS = {
         Stage("runs", "2", TrainSpec, "locdiff.stages.runs:train_run", task="train", progress=True),
         Stage("retrieval", "1", RetrievalSpec, "locdiff.stages.retrieval:build_index",
               io=True, timeout_s=6 * _H),
-        # 4: mode masses are probabilities (a point-mass fit), mass reliability in the metrics
-        Stage("eval", "4", EvalSpec, "locdiff.stages.evals:evaluate_run",
+        # 4: mode masses are probabilities (a point-mass fit), mass reliability in the metrics;
+        # 5: LocDiff-H's modes after the first propose a region only with mass >= infer.hybrid_min_mass
+        Stage("eval", "5", EvalSpec, "locdiff.stages.evals:evaluate_run",
               timeout_s=6 * _H, task="evaluate", progress=True),
         # 3: metrics rows carry geoscore and radius coverage; 4: mode-mass reliability tables
         Stage("reports", "4", ReportSpec, "locdiff.stages.reports:build_report", task="report"),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from locdiff_core.config import InferConfig
 from locdiff_core.hybrid import hybrid_from_neighbours
 from locdiff_core.retrieval import normalize_rows, search_inner_product
 from locdiff_core.sampling import credible_radii
@@ -71,6 +72,27 @@ def test_hybrid_best_takes_most_similar_neighbour_near_a_mode_else_locdiff():
         torch.tensor([-45.0]), torch.tensor([-45.0]), nan_modes, nan_modes, sim, lat, lon, radius_km=200
     )
     assert res2.from_gallery.tolist() == [False] and res2.lat_deg.item() == -45.0
+
+
+def test_hybrid_mass_gate_drops_weak_modes_regions_but_never_the_first():
+    # modes at (0,0) with mass 0.9 and (30,30) with mass 0.1; the most similar neighbour is near mode 2
+    sim, lat, lon = _nb([30.5, 0.5], [30.5, 0.5], [0.9, 0.7])
+    modes = torch.tensor([[0.0, 30.0]], dtype=torch.float64)
+    mass = torch.tensor([[0.9, 0.1]], dtype=torch.float64)
+    args = (torch.tensor([0.0]), torch.tensor([0.0]), modes, modes.clone(), sim, lat, lon)
+    open_ = hybrid_from_neighbours(*args, radius_km=200, modes_mass=mass, min_mass=0.0)
+    assert open_.n_candidates.tolist() == [2] and open_.lat_deg.item() == 30.5
+    gated = hybrid_from_neighbours(*args, radius_km=200, modes_mass=mass, min_mass=0.2)
+    assert gated.n_candidates.tolist() == [1] and gated.lat_deg.item() == 0.5  # mode 2 proposes nothing
+    # the first mode proposes whatever its mass
+    weak_first = hybrid_from_neighbours(
+        *args, radius_km=200, modes_mass=torch.tensor([[0.05, 0.05]], dtype=torch.float64), min_mass=0.2
+    )
+    assert weak_first.n_candidates.tolist() == [1] and weak_first.lat_deg.item() == 0.5
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        hybrid_from_neighbours(*args, modes_mass=mass, min_mass=1.0)
+    with pytest.raises(ValueError, match="hybrid_min_mass"):
+        InferConfig(hybrid_min_mass=-0.1)
 
 
 def test_hybrid_vote_prefers_the_dense_cluster():
