@@ -36,6 +36,7 @@ import duckdb
 import fsspec
 import pyarrow as pa
 
+from locdiff.datasets.shards import DATASET_SCHEMA
 from locdiff.storage import Store, hash_file
 from locdiff_core.metrics import ACC_KEYS
 
@@ -51,18 +52,9 @@ _SOURCES = {
     "predictions": ("eval", "predictions.parquet"),
     "metrics": ("eval", "metrics.parquet"),
 }
+_DUCK_TYPES = {pa.string(): "VARCHAR", pa.float64(): "DOUBLE", pa.int64(): "BIGINT"}
 _EMPTY: dict[str, list[tuple[str, str]]] = {
-    "datasets": [
-        ("image_id", "VARCHAR"),
-        ("lat", "DOUBLE"),
-        ("lon", "DOUBLE"),
-        ("split", "VARCHAR"),
-        ("shard", "VARCHAR"),
-        ("member", "VARCHAR"),
-        ("offset", "BIGINT"),
-        ("size", "BIGINT"),
-        ("source", "VARCHAR"),
-    ],
+    "datasets": [(f.name, _DUCK_TYPES[f.type]) for f in DATASET_SCHEMA],
     "embeddings": [("image_id", "VARCHAR"), ("embedding", "FLOAT[]"), ("lat", "DOUBLE"), ("lon", "DOUBLE")],
     "curves": [("step", "BIGINT"), ("metric", "VARCHAR"), ("value", "DOUBLE")],
     "predictions": [
