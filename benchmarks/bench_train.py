@@ -60,18 +60,31 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def bench_setup(preset: str, steps: int, n_data: int, **overrides):
+    """A preset timed as is (no evaluation, no checkpoints, one warm-up step) and ``n_data`` random
+    embeddings at uniform points, and the generator that drew them: the training benchmarks' set-up."""
+    import torch
+
+    from locdiff_core.config import get_preset
+    from locdiff_core.sphere import sample_uniform
+    from locdiff_core.train import GeoEmbeddings
+
+    timed = dict(max_steps=steps, warmup_steps=1, log_every=steps, eval_every=0, checkpoint_every=0)
+    cfg = get_preset(preset, train=timed, **overrides)
+    g = torch.Generator().manual_seed(0)
+    lat, lon = sample_uniform(n_data, generator=g)
+    return cfg, GeoEmbeddings(torch.randn(n_data, cfg.embed_dim, generator=g), lat, lon), g
+
+
 def run_one(preset: str, steps: int, loss_kind: str, n_data: int) -> dict:
     import torch
 
     from locdiff_core.checkpoint import build_model
-    from locdiff_core.config import get_preset
     from locdiff_core.device import resolve_device
     from locdiff_core.diffusion import NoiseSchedule
     from locdiff_core.shdd import SHDD
-    from locdiff_core.sphere import sample_uniform
     from locdiff_core.train import (
         AnchorPools,
-        GeoEmbeddings,
         compute_loss,
         ema_update,
         sample_anchors,
@@ -79,20 +92,8 @@ def run_one(preset: str, steps: int, loss_kind: str, n_data: int) -> dict:
     )
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    cfg = get_preset(
-        preset,
-        loss={"kind": loss_kind},
-        train={
-            "max_steps": steps,
-            "warmup_steps": 1,
-            "log_every": steps,
-            "eval_every": 0,
-            "checkpoint_every": 0,
-        },
-    )
-    g = torch.Generator().manual_seed(0)
-    lat, lon = sample_uniform(n_data, generator=g)
-    data = GeoEmbeddings(torch.randn(n_data, cfg.embed_dim, generator=g), lat, lon)
+    cfg, data, g = bench_setup(preset, steps, n_data, loss={"kind": loss_kind})
+    lat, lon = data.lat_deg, data.lon_deg
     device = resolve_device(cfg.train.device)
 
     # 1) the real loop

@@ -49,25 +49,12 @@ def child(steps: int, threads: int | None, import_locdiff: bool) -> None:
 
     import torch
 
-    from locdiff_core.config import get_preset
-    from locdiff_core.sphere import sample_uniform
-    from locdiff_core.train import GeoEmbeddings, train
+    from benchmarks.bench_train import bench_setup
+    from locdiff_core.train import train
 
     if threads:
         torch.set_num_threads(threads)
-    cfg = get_preset(
-        "cpu",
-        train={
-            "max_steps": steps,
-            "warmup_steps": 1,
-            "log_every": steps,
-            "eval_every": 0,
-            "checkpoint_every": 0,
-        },
-    )
-    g = torch.Generator().manual_seed(0)
-    lat, lon = sample_uniform(4096, generator=g)
-    data = GeoEmbeddings(torch.randn(4096, cfg.embed_dim, generator=g), lat, lon)
+    cfg, data, _ = bench_setup("cpu", steps, 4096)
     train(cfg, data, max_steps=2)  # warm-up
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     train(cfg, data)

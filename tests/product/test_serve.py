@@ -7,16 +7,13 @@ from __future__ import annotations
 import base64
 import io
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import requests
 from PIL import Image
 
 from locdiff.stack import free_port
+from tests.product import serve_load
 
 
 def _png(size=(64, 48), color=(20, 90, 160), mode="RGB") -> bytes:
@@ -28,48 +25,14 @@ def _png(size=(64, 48), color=(20, 90, 160), mode="RGB") -> bytes:
 @pytest.fixture(scope="module")
 def server(tiny_store, run_key):
     port = free_port(None)
-    env = {**os.environ, "LOCDIFF_STORAGE": tiny_store, "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "locdiff.cli",
-        "serve",
-        "--model",
-        run_key,
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-        "--max-bytes",
-        "300000",
-        "--max-pixels",
-        "1000000",
-        "--max-wait-ms",
-        "20",
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = ["--max-bytes", "300000", "--max-pixels", "1000000", "--max-wait-ms", "20"]
+    proc = serve_load.start_server(tiny_store, run_key, port, args)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError("server exited: " + (proc.stdout.read() if proc.stdout else ""))
-            try:
-                if requests.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("server did not become healthy")
-            time.sleep(0.3)
+        serve_load.wait_healthy(url, proc)
         yield url
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        serve_load.stop_server(proc)
 
 
 def test_round_trip_one_and_several_images(server, run_key):
