@@ -23,7 +23,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.rehearse_mp16 import TreeRSS  # noqa: E402
 from locdiff.stack import Stack, deploy, flow_run, free_port, run_deployment  # noqa: E402
 from locdiff.storage import Store  # noqa: E402
 from tests.servers import Chaos, chaos_server  # noqa: E402
@@ -50,36 +50,6 @@ def write_mirror(folder: Path, base_url: str, n: int) -> None:
             u.write(f"{img_id},{base_url}/img/{i}.jpg\n")
             lat, lon = rng.uniform(-60, 70), rng.uniform(-180, 180)
             m.write(f"{img_id},{i % 997}@N00,{lat:.6f},{lon:.6f},1,6,48,0.1,0.8,0.1\n")
-
-
-class TreeRSS:
-    """Peak resident memory of a process and its children, sampled every ``every_s``."""
-
-    def __init__(self, every_s: float = 0.5) -> None:
-        self.peak_tree = 0
-        self.peak_one = 0
-        self.pids: list[int] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True, args=(every_s,))
-        self._t.start()
-
-    def _run(self, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            total = 0
-            for pid in list(self.pids):
-                try:
-                    root = psutil.Process(pid)
-                    for p in [root, *root.children(recursive=True)]:
-                        rss = p.memory_info().rss
-                        total += rss
-                        self.peak_one = max(self.peak_one, rss)
-                except psutil.Error:
-                    continue
-            self.peak_tree = max(self.peak_tree, total)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._t.join()
 
 
 def kill_tree(pid: int) -> None:
@@ -203,9 +173,10 @@ def main() -> None:
         f"  images/s: {man['rows'] / times['total']:.1f} overall (kill + restart included); "
         f"first attempt {times['first']:.0f} s, resumed attempt {times['second']:.0f} s"
     )
-    mib = 2**20
+    mib, peak = 2**20, rss.peak()
     print(
-        f"  peak RSS: {rss.peak_tree / mib:.0f} MiB (worker tree), {rss.peak_one / mib:.0f} MiB (one process)"
+        f"  peak RSS: {peak['rss_tree'] / mib:.0f} MiB (worker tree), {peak['rss_one'] / mib:.0f} MiB "
+        f"(one process); PSS of the tree {peak['pss_tree'] / mib:.0f} MiB"
     )
     per = disk / max(1, man["rows"]) / 1024
     print(f"  disk: {disk / 2**30:.2f} GiB in the store ({per:.1f} KiB per image)")
